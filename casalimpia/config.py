@@ -1,0 +1,366 @@
+"""Typed configuration of the de-furnishing job.
+
+One dataclass per section; the YAML files in ``configs/`` mirror them and every default lives here.
+``load_config`` reads a YAML file, applies ``--set section.key=value`` overrides (parsed as YAML
+scalars) and validates everything, naming the offending key in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from casalimpia.classes import PRESETS, STRUCTURE, check_class_names, normalize_label
+
+
+TINY = "tiny"
+"""Model reference that builds small random models in code: offline tests and demos."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and fits on one line."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DecodeConfig:
+    """How input files become RGB photos."""
+
+    max_pixels: int = 100_000_000
+    """Refuse images with more pixels than this before decoding them (decompression bombs)."""
+    min_side: int = 64
+    """Refuse images whose shorter side is below this many pixels."""
+    suffixes: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
+    """File suffixes treated as photos (case-insensitive); other files become failed rows."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_pixels > 0, "decode.max_pixels", "must be positive")
+        _check(self.min_side >= 8, "decode.min_side", "must be at least 8")
+        _check(bool(self.suffixes), "decode.suffixes", "must name at least one suffix")
+        self.suffixes = [s.lower() if s.startswith(".") else f".{s.lower()}" for s in self.suffixes]
+
+
+@dataclass
+class MaskingConfig:
+    """Which pixels are furniture: OneFormer semantic segmentation and a class policy."""
+
+    model: str = "shi-labs/oneformer_ade20k_swin_large"
+    """OneFormer weights: hub id, local folder, s3:// prefix, or 'tiny' (random, for tests)."""
+    preset: str = "movable"
+    """Classes removed by default: 'movable' or 'movable+builtin'."""
+    remove: list[str] = field(default_factory=list)
+    """ADE20K class names removed in addition to the preset."""
+    keep: list[str] = field(default_factory=list)
+    """ADE20K class names never removed, even if the preset lists them."""
+    masks: str | None = None
+    """URI of user-supplied masks (PNG, matched by relative path) used instead of segmentation."""
+    resolution: int = 512
+    """Shorter side, in pixels, of the image given to the segmenter."""
+    dilation: float = 0.015
+    """Mask growth as a fraction of the image's shorter side (catches edges and shadows)."""
+    min_component: float = 0.0005
+    """Connected mask regions smaller than this fraction of the image are dropped."""
+    fill_holes: bool = True
+    """Fill enclosed holes in the mask (gaps between chair legs, inside a frame)."""
+    batch_size: int = 4
+    """Photos per segmentation batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "masking.preset", f"must be one of {sorted(PRESETS)}")
+        for key in ("remove", "keep"):
+            unknown = check_class_names(getattr(self, key))
+            _check(not unknown, f"masking.{key}", f"unknown ADE20K class names {unknown}")
+        structural = sorted({normalize_label(n) for n in self.remove} & set(STRUCTURE))
+        _check(not structural, "masking.remove", f"the room's structure is never removed: {structural}")
+        _check(64 <= self.resolution <= 2048, "masking.resolution", "must be in [64, 2048]")
+        _check(0 <= self.dilation <= 0.2, "masking.dilation", "must be in [0, 0.2]")
+        _check(0 <= self.min_component < 0.5, "masking.min_component", "must be in [0, 0.5)")
+        _check(self.batch_size >= 1, "masking.batch_size", "must be at least 1")
+
+
+SCHEDULERS = ("default", "ddim", "dpm++", "euler", "euler_a", "unipc", "pndm")
+
+
+@dataclass
+class InpaintConfig:
+    """How the empty room is painted behind the mask."""
+
+    model: str = "stabilityai/stable-diffusion-2-inpainting"
+    """Inpainting weights: hub id, local folder, s3:// prefix, or 'tiny' (random, for tests)."""
+    lora: str | None = None
+    """URI of a LoRA folder or .safetensors file in diffusers format (from jobs/train.py)."""
+    lora_scale: float = 1.0
+    """Strength of the LoRA adapter."""
+    prompt: str = (
+        "an empty room, bare floor, bare walls, nothing in the room, "
+        "clean minimalist interior, real estate photography, natural light"
+    )
+    """Text the model paints towards."""
+    negative_prompt: str = (
+        "furniture, sofa, couch, chair, table, bed, cabinet, shelf, rug, carpet, lamp, plant, "
+        "painting, decoration, person, clutter, objects, text, watermark, blurry"
+    )
+    """Text the model paints away from (classifier-free guidance)."""
+    steps: int = 25
+    """Denoising steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale; 1 switches guidance off (half the UNet work)."""
+    strength: float = 1.0
+    """How much of the masked area is re-noised (1 = paint from scratch)."""
+    scheduler: str = "default"
+    """Noise scheduler: 'default' keeps the model's own, or one of ddim, dpm++, euler, euler_a, unipc, pndm."""
+    resolution: int = 512
+    """Side of the square crop the model paints (a multiple of 8)."""
+    context: float = 0.5
+    """Context added around the mask's bounding box, as a fraction of its size, before cropping."""
+    feather: int = 4
+    """Width in pixels of the blend ramp just inside the mask edge."""
+    batch_size: int = 4
+    """Photos per inpainting batch."""
+    seed: int = 0
+    """Base seed; each photo's seed is derived from it and its path, so reruns reproduce."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "inpaint.steps", "must be at least 1")
+        _check(self.guidance_scale >= 1.0, "inpaint.guidance_scale", "must be at least 1")
+        _check(0 < self.strength <= 1, "inpaint.strength", "must be in (0, 1]")
+        _check(self.scheduler in SCHEDULERS, "inpaint.scheduler", f"must be one of {list(SCHEDULERS)}")
+        _check(
+            self.resolution >= 64 and self.resolution % 8 == 0,
+            "inpaint.resolution",
+            "must be a multiple of 8, at least 64",
+        )
+        _check(self.context >= 0, "inpaint.context", "must be non-negative")
+        _check(self.feather >= 0, "inpaint.feather", "must be non-negative")
+        _check(self.batch_size >= 1, "inpaint.batch_size", "must be at least 1")
+        _check(0 <= self.lora_scale <= 2, "inpaint.lora_scale", "must be in [0, 2]")
+
+
+OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
+
+
+@dataclass
+class WriteConfig:
+    """What is written for each photo."""
+
+    format: str = "same"
+    """Output image format: 'same' as the input, or png, jpeg, webp (png keeps unmasked pixels exact)."""
+    quality: int = 95
+    """JPEG/WebP quality."""
+    save_masks: bool = True
+    """Write the removal mask of each photo under masks/."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in OUTPUT_FORMATS, "write.format", f"must be one of {list(OUTPUT_FORMATS)}")
+        _check(1 <= self.quality <= 100, "write.quality", "must be in [1, 100]")
+
+
+@dataclass
+class RayConfig:
+    """Where the job runs and how much of the cluster each stage takes."""
+
+    address: str | None = None
+    """Ray cluster address; unset uses RAY_ADDRESS or a running local cluster, else starts one."""
+    masking_actors: int = 1
+    """Segmentation actors in the pool."""
+    inpainting_actors: int = 1
+    """Inpainting actors in the pool."""
+    masking_gpus: float = 0.0
+    """GPUs per segmentation actor (fractions share a GPU with inpainting)."""
+    inpainting_gpus: float = 0.0
+    """GPUs per inpainting actor."""
+    masking_cpus: float = 1.0
+    """CPUs per segmentation actor (use fractions on small machines)."""
+    inpainting_cpus: float = 1.0
+    """CPUs per inpainting actor (use fractions on small machines)."""
+    io_cpus: float = 1.0
+    """CPUs per read/decode and encode/write task."""
+    dtype: str = "auto"
+    """Model dtype: 'auto' (bf16 or fp16 on a GPU, fp32 on CPU), 'bf16', 'fp16' or 'fp32'."""
+
+    def __post_init__(self) -> None:
+        for key in ("masking_actors", "inpainting_actors"):
+            _check(getattr(self, key) >= 1, f"ray.{key}", "must be at least 1")
+        for key in ("masking_gpus", "inpainting_gpus"):
+            _check(getattr(self, key) >= 0, f"ray.{key}", "must be non-negative")
+        for key in ("masking_cpus", "inpainting_cpus", "io_cpus"):
+            _check(getattr(self, key) > 0, f"ray.{key}", "must be positive")
+        _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "ray.dtype", "must be auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class DefurnishConfig:
+    """The bulk de-furnishing job."""
+
+    input: str = ""
+    """URI of the photos: a local folder, file:// or s3://bucket/prefix."""
+    output: str = ""
+    """URI the results, manifest, report and resolved config are written under."""
+    overwrite: bool = False
+    """Redo photos already done with the same config (otherwise they are skipped)."""
+    limit: int | None = None
+    """Process at most this many photos (in listing order); unset processes all."""
+    report_samples: int = 24
+    """Photos shown in report.html."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Furniture segmentation."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    """Inpainting."""
+    write: WriteConfig = field(default_factory=WriteConfig)
+    """Output files."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster resources."""
+
+    # Sections whose values change the pixels written; their hash identifies a result.
+    HASHED_SECTIONS: typing.ClassVar[tuple[str, ...]] = ("decode", "masking", "inpaint", "write")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.input), "input", "is required (in the config or with --input)")
+        _check(bool(self.output), "output", "is required (in the config or with --output)")
+        _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
+        _check(self.report_samples >= 0, "report_samples", "must be non-negative")
+        source, target = _strip_slash(self.input), _strip_slash(self.output)
+        _check(source != target, "output", "must differ from input (outputs would be read back as inputs)")
+        _check(not target.startswith(source + "/"), "output", "must not be inside input (outputs would be read back)")
+
+    def config_hash(self) -> str:
+        """Short hash of everything that changes the output pixels."""
+        hashed = {name: dataclasses.asdict(getattr(self, name)) for name in self.HASHED_SECTIONS}
+        canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _strip_slash(uri: str) -> str:
+    return uri.rstrip("/").removeprefix("file://")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data, in field order, for YAML."""
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML, ready to save beside the output."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split 'a.b=value' into (['a', 'b'], value parsed as a YAML scalar)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} as a YAML value") from error
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of data with each 'a.b=value' override applied."""
+    merged = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = merged
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass cls from plain data, checking keys and types; errors name the full key."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, f"{key}.")
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], item, key) for item in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    cls: type = DefurnishConfig,
+    values: dict[str, Any] | None = None,
+) -> Any:
+    """Load cls from a YAML file (or defaults when path is None).
+
+    ``overrides`` are 'a.b=value' strings parsed as YAML scalars; ``values`` are top-level keys
+    set verbatim afterwards (URIs from dedicated flags, which must not be YAML-parsed).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or [])
+    data.update({key: value for key, value in (values or {}).items() if value is not None})
+    return build(cls, data)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every job shares: --config, --input, --output and --set."""
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--input", help="input URI: a folder, file:// or s3://bucket/prefix (overrides the config)")
+    parser.add_argument("--output", help="output URI (overrides the config)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, parsed as YAML (repeatable), e.g. --set inpaint.steps=30",
+    )
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **values: Any) -> Any:
+    """The config named by parsed job arguments, with --input/--output and extra values applied."""
+    return load_config(args.config, args.overrides, cls, {"input": args.input, "output": args.output, **values})

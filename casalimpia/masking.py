@@ -1,0 +1,197 @@
+"""Masking stage: which pixels of each photo are furniture to remove.
+
+``FurnitureMasker`` runs OneFormer semantic segmentation on a batch of photos, turns the label map
+into a removal mask with the class policy, and refines it (drop specks, fill holes, grow the edge).
+Refinement runs at segmentation resolution, where it is cheap and as precise as the labels are,
+and only the final mask is upsampled to the photo's own size. With ``masking.masks`` set, masks are
+read from the user's folder instead and no model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from casalimpia import storage
+from casalimpia.classes import normalize_label, removal_classes
+from casalimpia.config import MaskingConfig
+from casalimpia.images import ImageDecodeError, decode_mask
+from casalimpia.models import load_segmenter, resolve_placement
+
+log = logging.getLogger(__name__)
+
+# OneFormer's ADE20K checkpoints are trained on ImageNet-normalised inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TASK_PROMPT = "the task is semantic"
+
+Batch = dict[str, np.ndarray]
+
+
+def refine_mask(mask: np.ndarray, *, dilation_px: float, min_component_px: int, fill_holes: bool) -> np.ndarray:
+    """Drop connected regions smaller than min_component_px, fill enclosed holes, grow by dilation_px."""
+    if min_component_px > 0 and mask.any():
+        labels, count = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = sizes >= min_component_px
+        keep[0] = False
+        mask = keep[labels]
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if dilation_px > 0 and mask.any():
+        # A Euclidean distance threshold grows the mask by a true disc, at any radius, in one pass.
+        mask = ndimage.distance_transform_edt(~mask) <= dilation_px
+    return mask
+
+
+def mask_candidates(source: str) -> list[str]:
+    """Relative paths where a user-supplied mask for `source` may live, most specific first.
+
+    The first form is what this job writes under masks/, so a previous run's masks can be fed back.
+    """
+    stem = source.rsplit(".", 1)[0] if "." in source.rsplit("/", 1)[-1] else source
+    return list(dict.fromkeys([f"{source}.png", f"{stem}.png", source]))
+
+
+class FurnitureMasker:
+    """Callable batch stage: adds ``mask``, ``mask_fraction`` and ``seconds_mask`` columns.
+
+    Input rows carry ``source`` (relative path), ``image`` ((H, W, 3) uint8) and ``error``
+    (empty when the row is healthy). Rows that already failed pass through untouched.
+    """
+
+    def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
+        self.config = config
+        self.model = None
+        if config.masks is not None:
+            log.info("masking: using the masks under %s, no segmentation model", config.masks)
+            return
+        self.placement = resolve_placement(dtype)
+        log.info("masking on %s", self.placement.reason)
+        self.model, tokenizer = load_segmenter(config.model, self.placement)
+        self.removal_ids = self._removal_ids(self.model.config.id2label)
+        task = tokenizer(
+            TASK_PROMPT,
+            padding="max_length",
+            truncation=True,
+            max_length=self.model.config.task_seq_len,
+            return_tensors="pt",
+        )
+        self.task_inputs = task["input_ids"].to(self.placement.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.placement.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.placement.device).view(1, 3, 1, 1)
+
+    def _removal_ids(self, id2label: dict[int, str]) -> torch.Tensor:
+        label2id = {normalize_label(label): int(i) for i, label in id2label.items()}
+        names = removal_classes(self.config.preset, self.config.remove, self.config.keep)
+        missing = [name for name in names if name not in label2id]
+        if missing:
+            raise ValueError(f"masking.model {self.config.model!r} has no classes named {missing}")
+        ids = torch.zeros(len(id2label), dtype=torch.bool)
+        ids[[label2id[name] for name in names]] = True
+        return ids
+
+    def __call__(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        count = len(batch["source"])
+        masks = np.empty(count, dtype=object)
+        fractions = np.zeros(count, dtype=np.float64)
+        errors = batch["error"].astype(object).copy()
+        healthy = [i for i in range(count) if not errors[i]]
+        if self.model is None:
+            results = {i: self._read_user_mask(batch["source"][i], batch["image"][i].shape[:2]) for i in healthy}
+        else:
+            results = self._segment_with_fallback([batch["image"][i] for i in healthy], healthy)
+        for i in range(count):
+            outcome = results.get(i)
+            if isinstance(outcome, np.ndarray):
+                masks[i] = outcome
+                fractions[i] = float(outcome.mean())
+            else:
+                masks[i] = np.zeros((0, 0), dtype=bool)
+                if outcome is not None:
+                    errors[i] = outcome
+        seconds = (time.perf_counter() - start) / max(1, len(healthy))
+        return {
+            **batch,
+            "mask": masks,
+            "mask_fraction": fractions,
+            "seconds_mask": np.where([bool(e) for e in errors], 0.0, seconds),
+            "error": errors,
+        }
+
+    def _read_user_mask(self, source: str, shape: tuple[int, int]) -> np.ndarray | str:
+        for candidate in mask_candidates(source):
+            uri = storage.join(self.config.masks, candidate)
+            if storage.exists(uri):
+                try:
+                    return decode_mask(storage.read_bytes(uri), size=(shape[1], shape[0]))
+                except ImageDecodeError as error:
+                    return f"bad mask {candidate}: {error}"
+        return f"no mask for {source} under {self.config.masks}"
+
+    def _segment_with_fallback(self, images: list[np.ndarray], rows: list[int]) -> dict[int, np.ndarray | str]:
+        """Segment the batch at once; if that fails, one photo at a time so one bad photo fails alone."""
+        if not images:
+            return {}
+        try:
+            return dict(zip(rows, self.segment(images), strict=True))
+        except (RuntimeError, ValueError) as error:
+            if len(images) == 1:
+                return {rows[0]: f"segmentation failed: {str(error).splitlines()[0][:200]}"}
+            log.warning("segmentation of a batch of %d failed (%s); retrying one by one", len(images), error)
+            out: dict[int, np.ndarray | str] = {}
+            for image, row in zip(images, rows, strict=True):
+                out.update(self._segment_with_fallback([image], [row]))
+            return out
+
+    @torch.inference_mode()
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Removal masks, (H, W) bool at each photo's own size, for a list of RGB photos."""
+        device, dtype = self.placement.device, self.placement.dtype
+        short = self.config.resolution
+        sizes = [_scaled_size(image.shape[:2], short) for image in images]
+        height = max(h for h, _ in sizes)
+        width = max(w for _, w in sizes)
+        # Pad to a common size (multiple of 32 for the Swin backbone) so the batch is one tensor.
+        height, width = -(-height // 32) * 32, -(-width // 32) * 32
+        pixels = torch.zeros(len(images), 3, height, width, device=device)
+        for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+            tensor = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255
+            resized = F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            pixels[i, :, :h, :w] = ((resized - self.mean) / self.std)[0]
+        task = self.task_inputs.expand(len(images), -1)
+        outputs = self.model(pixel_values=pixels.to(dtype), task_inputs=task)
+        class_probs = outputs.class_queries_logits.float().softmax(-1)[..., :-1]
+        mask_probs = outputs.masks_queries_logits.float().sigmoid()
+        mask_probs = F.interpolate(mask_probs, size=(height, width), mode="bilinear", align_corners=False)
+        labels = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs).argmax(1)
+        removal = self.removal_ids.to(device)[labels].cpu().numpy()
+        return [
+            self._finish(removal[i, :h, :w], image.shape[:2])
+            for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True))
+        ]
+
+    def _finish(self, mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        h, w = mask.shape
+        mask = refine_mask(
+            mask,
+            dilation_px=self.config.dilation * min(h, w),
+            min_component_px=int(self.config.min_component * h * w),
+            fill_holes=self.config.fill_holes,
+        )
+        rows = (np.arange(shape[0]) * h // shape[0]).clip(max=h - 1)
+        cols = (np.arange(shape[1]) * w // shape[1]).clip(max=w - 1)
+        return np.ascontiguousarray(mask[rows[:, None], cols[None, :]])
+
+
+def _scaled_size(shape: tuple[int, ...], short: int) -> tuple[int, int]:
+    """Size with the shorter side at `short`, aspect kept, long side capped at 4x the short side."""
+    h, w = shape[:2]
+    scale = short / min(h, w)
+    return max(1, min(round(h * scale), 4 * short)), max(1, min(round(w * scale), 4 * short))
+

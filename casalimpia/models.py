@@ -1,0 +1,277 @@
+"""Model loading: device and dtype, model sources, and the offline `tiny` preset.
+
+A model reference is a Hugging Face hub id, a local folder, an ``s3://`` prefix (copied once per
+node into a local cache) or ``tiny``: small randomly initialised models built in code with a fixed
+seed, so every job and test runs offline. Outputs made with ``tiny`` are noise and say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from casalimpia import storage
+from casalimpia.classes import ADE20K_CLASSES
+from casalimpia.config import TINY
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 0
+CACHE_DIR = Path(os.environ.get("CASALIMPIA_CACHE", Path.home() / ".cache" / "casalimpia"))
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights that cannot be had; the message names the model and how to supply it."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage's model runs, and why."""
+
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_placement(dtype: str = "auto") -> Placement:
+    """Pick the accelerator if there is one, else the CPU, and a dtype that is safe on it.
+
+    On a GPU bf16 is preferred where supported, since fp16 VAE encodes can overflow to NaN;
+    the CPU runs fp32 because half-precision kernels there are slow or missing.
+    """
+    if torch.accelerator.is_available():
+        device = torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+        if dtype != "auto":
+            chosen, why = _DTYPES[dtype], f"{dtype} as configured"
+        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+            chosen, why = torch.bfloat16, "bf16: supported by this GPU and safe for the VAE"
+        else:
+            chosen, why = torch.float16, "fp16: this accelerator has no bf16"
+        return Placement(device, chosen, f"{device} ({why})")
+    chosen = torch.float32 if dtype in ("auto", "fp32") else _DTYPES[dtype]
+    why = "fp32: no accelerator visible" if dtype == "auto" else f"{dtype} as configured"
+    return Placement(torch.device("cpu"), chosen, f"cpu ({why})")
+
+
+def is_tiny(reference: str) -> bool:
+    return reference == TINY
+
+
+def _hub_cached(repo_id: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any cache miss means "not cached"
+        return None
+
+
+def check_available(reference: str, role: str) -> None:
+    """Fail before any work starts when a model cannot be loaded; cheap (no download).
+
+    ``role`` is the config key that named the model, so the message says what to change.
+    """
+    if is_tiny(reference):
+        return
+    if storage.is_s3(reference) or reference.startswith("file://"):
+        try:
+            storage.list_files(reference)
+        except storage.StorageError as error:
+            raise ModelUnavailableError(f"{role}: {error}") from None
+        return
+    if Path(reference).exists():
+        return
+    if _looks_like_path(reference):
+        raise ModelUnavailableError(f"{role}: no such folder {reference!r}")
+    if _hub_cached(reference) is not None:
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(reference, timeout=10)
+    except Exception as error:  # noqa: BLE001 - offline, unknown repo and gated repo all end here
+        reason = str(error).splitlines()[0][:160]
+        raise ModelUnavailableError(
+            f"{role}: cannot load {reference!r}: not in the local Hugging Face cache and the hub "
+            f"cannot provide it ({reason}). Download it where there is network "
+            f"(`hf download {reference}`) and point HF_HOME at that cache, or set {role} to a "
+            "local folder or an s3:// prefix holding the weights."
+        ) from None
+
+
+def _looks_like_path(reference: str) -> bool:
+    return reference.startswith((".", "/", "~")) or reference.count("/") > 1
+
+
+def local_path(reference: str) -> str:
+    """A path or hub id that `from_pretrained` can open; s3:// prefixes are cached per node."""
+    if reference.startswith("file://"):
+        return reference.removeprefix("file://")
+    if not storage.is_s3(reference):
+        return reference
+    target = CACHE_DIR / "models" / hashlib.sha256(reference.rstrip("/").encode()).hexdigest()[:16]
+    done = target / ".complete"
+    # One copy per node: actors on the same node wait on the lock and reuse the finished copy.
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            log.info("copying %s to the local cache %s", reference, target)
+            storage.copy_tree(reference, str(target))
+            done.touch()
+    return str(target)
+
+
+def load_segmenter(reference: str, placement: Placement) -> tuple[Any, Any]:
+    """OneFormer and the tokenizer for its task prompt, in eval mode on the placement."""
+    if is_tiny(reference):
+        model, tokenizer = tiny_segmenter()
+    else:
+        from transformers import AutoTokenizer, OneFormerForUniversalSegmentation
+
+        path = local_path(reference)
+        model = OneFormerForUniversalSegmentation.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model = model.to(device=placement.device, dtype=placement.dtype).eval()
+    return model, tokenizer
+
+
+def load_inpainting_pipeline(reference: str, placement: Placement) -> Any:
+    """A diffusers StableDiffusionInpaintPipeline on the placement, progress bars off."""
+    if is_tiny(reference):
+        pipe = tiny_inpainting_pipeline()
+        if placement.dtype != torch.float32:
+            pipe = pipe.to(dtype=placement.dtype)
+    else:
+        from diffusers import StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            local_path(reference), torch_dtype=placement.dtype, safety_checker=None, requires_safety_checker=False
+        )
+    pipe = pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_tokenizer(model_max_length: int = 77) -> Any:
+    """A byte-level CLIP tokenizer built in memory: one token per byte, no merges, no download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab.update({char + "</w>": i + len(alphabet) for i, char in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_segmenter() -> tuple[Any, Any]:
+    """A ~0.4M-parameter OneFormer with ADE20K's 150 labels and random weights."""
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation, SwinConfig
+
+    tokenizer = tiny_tokenizer(model_max_length=24)
+    config = OneFormerConfig(
+        backbone_config=SwinConfig(
+            image_size=64,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        ),
+        num_labels=len(ADE20K_CLASSES),
+        id2label=dict(enumerate(ADE20K_CLASSES)),
+        label2id={name: i for i, name in enumerate(ADE20K_CLASSES)},
+        hidden_dim=32,
+        mask_dim=32,
+        conv_dim=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=8,
+        text_encoder_width=32,
+        text_encoder_num_layers=1,
+        text_encoder_context_length=24,
+        text_encoder_vocab_size=len(tokenizer),
+        text_encoder_proj_layers=1,
+        text_encoder_n_ctx=2,
+        task_seq_len=24,
+        max_seq_len=24,
+        is_training=False,
+        use_auxiliary_loss=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = OneFormerForUniversalSegmentation(config)
+    return model, tokenizer
+
+
+def tiny_inpainting_pipeline() -> Any:
+    """diffusers' test-sized SD inpainting: 9-channel UNet (32, 64), 2x VAE, 32-wide CLIP text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=9,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=5,
+                vocab_size=len(tokenizer),
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

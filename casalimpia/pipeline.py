@@ -1,0 +1,397 @@
+"""The bulk de-furnishing job on Ray Data.
+
+``prepare`` does everything that can fail for a whole-job reason (bad URI, unknown model, nothing
+to read) on the driver before any Ray work starts, and splits the catalogue into photos to do and
+photos already done. ``execute`` streams the photos to do through
+
+    read + decode (CPU tasks) -> FurnitureMasker pool -> Inpainter pool -> encode + write (CPU tasks)
+
+and collects the small manifest rows on the driver, persisting them as it goes, so an interrupted
+run resumes from what was written. Every listed file ends as exactly one manifest row.
+
+The read and write functions run as Ray tasks in many short-lived workers, so this module imports
+torch-based code (models, stages) only inside the driver functions that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from casalimpia import configure_logging, storage
+from casalimpia.config import TINY, DefurnishConfig, to_yaml
+from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "_manifest"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("output", pa.string()),
+        ("mask", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("mask_fraction", pa.float64()),
+        ("seconds_mask", pa.float64()),
+        ("seconds_inpaint", pa.float64()),
+        ("config_hash", pa.string()),
+    ]
+)
+DONE = ("ok", "skipped")
+# Rows are persisted in parts of this many, so a crash loses at most one part of bookkeeping.
+ROWS_PER_PART = 1000
+
+
+class JobError(RuntimeError):
+    """A job that cannot start; the message is one line for the user."""
+
+
+def manifest_row(source: str, config_hash: str, **values: Any) -> dict[str, Any]:
+    """A manifest row with every column, defaults for those not given."""
+    row = {
+        "source": source,
+        "output": "",
+        "mask": "",
+        "status": "failed",
+        "error": "",
+        "width": 0,
+        "height": 0,
+        "mask_fraction": 0.0,
+        "seconds_mask": 0.0,
+        "seconds_inpaint": 0.0,
+        "config_hash": config_hash,
+    }
+    row.update(values)
+    return row
+
+
+def unsafe_path_reason(relative: str) -> str | None:
+    """Why a listed relative path must not be written under the output, or None when it is safe."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return f"unsafe path {relative!r}: absolute or contains empty, '.' or '..' components"
+    if any(ord(char) < 32 for char in relative):
+        return f"unsafe path {relative!r}: contains control characters"
+    return None
+
+
+@dataclass
+class Plan:
+    """What one run will do, decided on the driver before any Ray work."""
+
+    config: DefurnishConfig
+    config_hash: str
+    run_id: str
+    todo: list[str]
+    """Relative paths of the photos to process."""
+    settled: list[dict[str, Any]] = field(default_factory=list)
+    """Manifest rows decided without processing: skipped (done before) and refused files."""
+
+
+def prepare(config: DefurnishConfig) -> Plan:
+    """Check the job can run and decide what to do; raises JobError with one line otherwise."""
+    # Ray workers do not share the driver's working directory: pin local paths now.
+    config = dataclasses.replace(
+        config,
+        input=absolute_uri(config.input),
+        output=absolute_uri(config.output),
+        masking=dataclasses.replace(config.masking, masks=config.masking.masks and absolute_uri(config.masking.masks)),
+    )
+    try:
+        files = storage.list_files(config.input)
+    except storage.StorageError as error:
+        raise JobError(f"input: {error}") from None
+    if not files:
+        raise JobError(f"input: no files under {config.input}")
+    if config.masking.masks is None:
+        _check_model(config.masking.model, "masking.model")
+    else:
+        try:
+            storage.list_files(config.masking.masks)
+        except storage.StorageError as error:
+            raise JobError(f"masking.masks: {error}") from None
+    _check_model(config.inpaint.model, "inpaint.model")
+    if config.inpaint.lora is not None:
+        _check_lora(config.inpaint.lora)
+    try:
+        storage.ensure_writable(config.output)
+    except storage.StorageError as error:
+        raise JobError(f"output: {error}") from None
+
+    config_hash = config.config_hash()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    settled: list[dict[str, Any]] = []
+    photos: list[str] = []
+    for relative in files:
+        reason = unsafe_path_reason(relative)
+        if reason is None and PurePosixPath(relative).suffix.lower() not in config.decode.suffixes:
+            reason = f"unsupported file type (accepted: {', '.join(config.decode.suffixes)})"
+        if reason is None:
+            photos.append(relative)
+        else:
+            settled.append(manifest_row(relative, config_hash, error=reason))
+    if config.limit is not None:
+        photos = photos[: config.limit]
+    done = {} if config.overwrite else completed_rows(config.output, config_hash)
+    todo = [relative for relative in photos if relative not in done]
+    settled += [{**done[relative], "status": "skipped", "error": ""} for relative in photos if relative in done]
+    return Plan(config, config_hash, run_id, todo, settled)
+
+
+def absolute_uri(uri: str) -> str:
+    """s3:// URIs as they are; local paths and file:// URIs as absolute local paths."""
+    return uri if storage.is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+def _check_model(reference: str, role: str) -> None:
+    from casalimpia.models import ModelUnavailableError, check_available
+
+    try:
+        check_available(reference, role)
+    except ModelUnavailableError as error:
+        raise JobError(str(error)) from None
+
+
+def _check_lora(uri: str) -> None:
+    try:
+        found = storage.exists(uri) if uri.endswith(".safetensors") else bool(storage.list_files(uri))
+    except storage.StorageError as error:
+        raise JobError(f"inpaint.lora: {error}") from None
+    if not found:
+        raise JobError(f"inpaint.lora: nothing at {uri}")
+
+
+def read_manifest(output: str) -> list[dict[str, Any]]:
+    """Every row of every manifest part under output (from this and earlier runs), oldest first."""
+    folder = storage.join(output, MANIFEST_DIR)
+    try:
+        parts = [p for p in storage.list_files(folder) if p.endswith(".parquet")]
+    except storage.StorageError:
+        return []
+    rows: list[dict[str, Any]] = []
+    for part in sorted(parts):
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(folder, part))))
+        rows += table.to_pylist()
+    return rows
+
+
+def completed_rows(output: str, config_hash: str) -> dict[str, dict[str, Any]]:
+    """Rows of photos already done with this config whose output file is really there."""
+    try:
+        written = {f"images/{p}" for p in storage.list_files(storage.join(output, "images"))}
+    except storage.StorageError:
+        return {}
+    return {
+        row["source"]: row
+        for row in read_manifest(output)
+        if row["status"] in DONE and row["config_hash"] == config_hash and row["output"] in written
+    }
+
+
+def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels: int, min_side: int) -> dict:
+    """CPU task: fetch and decode each photo; failures become rows with an error, never exceptions."""
+    images, errors, widths, heights = [], [], [], []
+    for source in batch["source"]:
+        try:
+            image = decode_image(storage.read_bytes(storage.join(input_uri, source)), max_pixels=max_pixels,
+                                 min_side=min_side)
+            error = ""
+        except (ImageDecodeError, storage.StorageError) as exc:
+            image, error = np.zeros((0, 0, 3), dtype=np.uint8), str(exc)
+        images.append(image)
+        errors.append(error)
+        heights.append(image.shape[0])
+        widths.append(image.shape[1])
+    return {
+        "source": batch["source"],
+        "image": _object_array(images),
+        "error": np.array(errors, dtype=object),
+        "width": np.array(widths, dtype=np.int64),
+        "height": np.array(heights, dtype=np.int64),
+    }
+
+
+def encode_and_write(
+    batch: dict[str, np.ndarray], *, output_uri: str, fmt: str, quality: int, save_masks: bool, config_hash: str
+) -> pa.Table:
+    """CPU task: write each result (and its mask) and return the manifest rows, without pixels."""
+    rows = []
+    for i, source in enumerate(batch["source"]):
+        error = batch["error"][i]
+        row = manifest_row(
+            source,
+            config_hash,
+            width=int(batch["width"][i]),
+            height=int(batch["height"][i]),
+            mask_fraction=float(batch["mask_fraction"][i]),
+            seconds_mask=float(batch["seconds_mask"][i]),
+            seconds_inpaint=float(batch["seconds_inpaint"][i]),
+        )
+        if not error:
+            try:
+                image_format = output_format(source, fmt)
+                row["output"] = f"images/{with_suffix(source, image_format)}"
+                if save_masks:
+                    row["mask"] = f"masks/{source}.png"
+                    storage.write_bytes(storage.join(output_uri, row["mask"]), encode_mask(batch["mask"][i]))
+                # The image goes last: its presence is what marks the photo done for a rerun.
+                storage.write_bytes(storage.join(output_uri, row["output"]),
+                                    encode_image(batch["image"][i], image_format, quality=quality))
+                row["status"] = "ok"
+            except (storage.StorageError, OSError, ValueError) as exc:
+                error = f"write failed: {str(exc).splitlines()[0][:200]}"
+        if error:
+            row.update(status="failed", error=error, output="", mask="")
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def _object_array(items: list[np.ndarray]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+class ManifestWriter:
+    """Buffers manifest rows on the driver and persists them as parquet parts of one run."""
+
+    def __init__(self, output: str, run_id: str) -> None:
+        self.folder = storage.join(output, MANIFEST_DIR)
+        self.run_id = run_id
+        self.buffer: list[dict[str, Any]] = []
+        self.parts = 0
+        self.counts: Counter[str] = Counter()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.buffer += rows
+        self.counts.update(row["status"] for row in rows)
+        if len(self.buffer) >= ROWS_PER_PART:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.Table.from_pylist(self.buffer, schema=MANIFEST_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        name = f"{self.run_id}-{self.parts:05d}.parquet"
+        storage.write_bytes(storage.join(self.folder, name), sink.getvalue().to_pybytes())
+        self.parts += 1
+        self.buffer = []
+
+    def finish(self) -> None:
+        """Flush, then drop parts of earlier runs: this run's parts now account for every photo."""
+        self.flush()
+        for part in storage.list_files(self.folder):
+            if not part.startswith(self.run_id):
+                storage.delete(storage.join(self.folder, part))
+
+
+@dataclass
+class Summary:
+    """What a run did."""
+
+    counts: dict[str, int]
+    processed: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        counts = " ".join(f"{status}={self.counts.get(status, 0)}" for status in ("ok", "failed", "skipped"))
+        return f"{counts} processed={self.processed} in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s)"
+
+
+def build_dataset(plan: Plan) -> Any:
+    """The lazy Ray Dataset of manifest rows for the photos to do."""
+    import ray
+
+    from casalimpia.inpainting import Inpainter
+    from casalimpia.masking import FurnitureMasker
+
+    config = plan.config
+    resources = config.ray
+    items = [{"source": source} for source in plan.todo]
+    # Small blocks keep every stage streaming; one block per batch of the slowest stage is plenty.
+    blocks = max(1, min(len(items), -(-len(items) // config.inpaint.batch_size)))
+    dataset = ray.data.from_items(items, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        read_and_decode,
+        fn_kwargs={"input_uri": config.input, "max_pixels": config.decode.max_pixels,
+                   "min_side": config.decode.min_side},
+        batch_size=config.masking.batch_size,
+        num_cpus=resources.io_cpus,
+    )
+    dataset = dataset.map_batches(
+        FurnitureMasker,
+        fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
+        compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
+        batch_size=config.masking.batch_size,
+        num_cpus=resources.masking_cpus,
+        num_gpus=resources.masking_gpus,
+    )
+    dataset = dataset.map_batches(
+        Inpainter,
+        fn_constructor_kwargs={"config": config.inpaint, "dtype": resources.dtype},
+        compute=ray.data.ActorPoolStrategy(size=resources.inpainting_actors),
+        batch_size=config.inpaint.batch_size,
+        num_cpus=resources.inpainting_cpus,
+        num_gpus=resources.inpainting_gpus,
+    )
+    return dataset.map_batches(
+        encode_and_write,
+        fn_kwargs={"output_uri": config.output, "fmt": config.write.format, "quality": config.write.quality,
+                   "save_masks": config.write.save_masks, "config_hash": plan.config_hash},
+        batch_size=config.inpaint.batch_size,
+        num_cpus=resources.io_cpus,
+    )
+
+
+def execute(plan: Plan) -> Summary:
+    """Run the plan on the connected Ray cluster; returns the summary, writes manifest and report."""
+    from casalimpia.report import write_report
+
+    config = plan.config
+    storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
+    if TINY in (config.masking.model, config.inpaint.model):
+        log.warning("the tiny preset is in use: random weights, the outputs are noise (for tests and demos)")
+    manifest = ManifestWriter(config.output, plan.run_id)
+    manifest.add(plan.settled)
+    start = time.perf_counter()
+    processed = 0
+    if plan.todo:
+        for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            processed += len(rows)
+            manifest.add(rows)
+    seconds = time.perf_counter() - start
+    manifest.finish()
+    summary = Summary(dict(manifest.counts), processed, seconds, config.output)
+    write_report(config, read_manifest(config.output), summary)
+    return summary
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at address (or RAY_ADDRESS, or a running local one), else start one."""
+    import ray
+
+    configure_logging()
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"worker_process_setup_hook": "casalimpia.configure_logging"})

@@ -1,0 +1,41 @@
+"""Remove the furniture from every photo under an input URI.
+
+    python jobs/defurnish.py --config configs/defurnish.yaml --input s3://catalogue/raw/ --output s3://catalogue/empty/
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+# `python jobs/defurnish.py` puts jobs/ first on sys.path; the library sits one level up
+# (and is not pip-installed on a cluster that only received the working directory).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from casalimpia import configure_logging  # noqa: E402
+from casalimpia.config import ConfigError, DefurnishConfig, add_config_arguments, config_from_args  # noqa: E402
+from casalimpia.pipeline import JobError, connect, execute, prepare  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="redo photos already done with the same config")
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        config = config_from_args(args, DefurnishConfig, overwrite=True if args.overwrite else None)
+        plan = prepare(config)
+    except (ConfigError, JobError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(plan.todo)} photos to process, {len(plan.settled)} settled without processing "
+          f"(config {plan.config_hash}, run {plan.run_id})")
+    connect(config.ray.address)
+    summary = execute(plan)
+    print(f"done: {summary.line()}")
+    print(f"manifest: {config.output.rstrip('/')}/_manifest/  report: {config.output.rstrip('/')}/report.html")
+    return 1 if summary.counts.get("failed", 0) and not summary.counts.get("ok", 0) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

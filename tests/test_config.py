@@ -1,0 +1,93 @@
+"""Config loading, overrides, validation messages and hashing."""
+
+import pytest
+import yaml
+
+from casalimpia.config import ConfigError, DefurnishConfig, load_config, to_yaml
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": "in", "output": "out", "inpaint": {"steps": 10}}))
+    return path
+
+
+def test_yaml_values_and_defaults(config_file):
+    config = load_config(config_file)
+    assert config.inpaint.steps == 10
+    assert config.masking.preset == "movable"
+    assert config.ray.dtype == "auto"
+
+
+def test_overrides_are_yaml_scalars(config_file):
+    config = load_config(
+        config_file,
+        ["inpaint.guidance_scale=5", "masking.remove=[curtain, blind]", "write.save_masks=false", "limit=3"],
+    )
+    assert config.inpaint.guidance_scale == 5.0 and isinstance(config.inpaint.guidance_scale, float)
+    assert config.masking.remove == ["curtain", "blind"]
+    assert config.write.save_masks is False
+    assert config.limit == 3
+
+
+def test_values_are_taken_verbatim(config_file):
+    # A URI from --input must not be YAML-parsed ("yes" would become True).
+    config = load_config(config_file, values={"input": "yes", "output": None})
+    assert config.input == "yes" and config.output == "out"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("inpaint.stepz=3", "inpaint.stepz: unknown key"),
+        ("inpaint.steps=many", "inpaint.steps: expected int"),
+        ("inpaint.steps=0", "inpaint.steps: must be at least 1"),
+        ("inpaint.resolution=100", "inpaint.resolution: must be a multiple of 8"),
+        ("masking.remove=[sofa, spaceship]", "masking.remove: unknown ADE20K class names ['spaceship']"),
+        ("masking.preset=everything", "masking.preset: must be one of"),
+        ("write.format=gif", "write.format: must be one of"),
+        ("ray.masking_gpus=-1", "ray.masking_gpus: must be non-negative"),
+        ("inpaint=3", "inpaint: expected a mapping"),
+        ("output=in", "output: must differ from input"),
+        ("output=in/results", "output: must not be inside input"),
+        ("broken", "expected section.key=value"),
+    ],
+)
+def test_errors_name_the_key(config_file, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(config_file, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_input_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="input: is required"):
+        load_config(None, ["output=o"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_structure_cannot_be_removed(config_file):
+    with pytest.raises(ConfigError, match="masking.remove: the room's structure is never removed"):
+        load_config(config_file, ["masking.remove=[wall]"])
+
+
+def test_hash_tracks_output_affecting_values_only(config_file):
+    base = load_config(config_file)
+    assert load_config(config_file, ["ray.inpainting_actors=4", "overwrite=true"]).config_hash() == base.config_hash()
+    assert load_config(config_file, ["inpaint.seed=1"]).config_hash() != base.config_hash()
+
+
+def test_resolved_yaml_round_trips(config_file, tmp_path):
+    config = load_config(config_file, ["masking.keep=[lamp]"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(config))
+    assert load_config(saved) == config
+    assert isinstance(config, DefurnishConfig)
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "defurnish"):
+        config = load_config(f"configs/{name}.yaml", values={"input": "a", "output": "b"})
+        assert config.inpaint.steps >= 1

@@ -1,0 +1,159 @@
+"""The de-furnishing job end to end on the real local Ray instance with the tiny preset."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from casalimpia import storage
+from casalimpia.config import load_config
+from casalimpia.images import decode_image
+from casalimpia.pipeline import JobError, execute, prepare, read_manifest
+from casalimpia.synthetic import render_room, write_demo_rooms
+
+TINY = [
+    "masking.model=tiny",
+    "masking.resolution=64",
+    "masking.batch_size=2",
+    "inpaint.model=tiny",
+    "inpaint.resolution=64",
+    "inpaint.steps=2",
+    "inpaint.batch_size=2",
+    "ray.masking_cpus=0.25",
+    "ray.inpainting_cpus=0.25",
+    "ray.io_cpus=0.25",
+    "ray.inpainting_actors=2",
+]
+BAD_FILES = {
+    "broken/empty.jpg": "empty file",
+    "broken/truncated.png": "truncated",
+    "broken/text.jpg": "not an image",
+    "broken/notes.txt": "unsupported file type",
+    "broken/tiny.png": "too small",
+}
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_catalogue(uri: str, staging: Path) -> dict[str, tuple[int, int]]:
+    """Good photos in nested folders plus one file of each bad kind; returns good (width, height)."""
+    good: dict[str, tuple[int, int]] = {}
+    for path in write_demo_rooms(staging, count=8, seed=1):
+        relative = path.relative_to(staging).as_posix()
+        data = path.read_bytes()
+        storage.write_bytes(storage.join(uri, relative), data)
+        image = decode_image(data, max_pixels=10**8, min_side=8)
+        good[relative] = (image.shape[1], image.shape[0])
+    truncated = _png(render_room(9, 160, 120).furnished)
+    bad = {
+        "broken/empty.jpg": b"",
+        "broken/truncated.png": truncated[: len(truncated) // 2],
+        "broken/text.jpg": b"<html>not a photo</html>",
+        "broken/notes.txt": b"hello",
+        "broken/tiny.png": _png(np.zeros((20, 30, 3), np.uint8)),
+    }
+    for relative, data in bad.items():
+        storage.write_bytes(storage.join(uri, relative), data)
+    return good
+
+
+def run_job(input_uri: str, output_uri: str, *extra: str):
+    config = load_config("configs/demo.yaml", [*TINY, *extra], values={"input": input_uri, "output": output_uri})
+    plan = prepare(config)
+    return plan, execute(plan)
+
+
+def check_run(input_uri: str, output_uri: str, good: dict[str, tuple[int, int]]) -> list[dict]:
+    rows = read_manifest(output_uri)
+    sources = [row["source"] for row in rows]
+    assert sorted(sources) == sorted([*good, *BAD_FILES]), "every input has exactly one manifest row"
+    by_source = {row["source"]: row for row in rows}
+    for relative, (width, height) in good.items():
+        row = by_source[relative]
+        assert row["status"] in ("ok", "skipped"), row
+        assert (row["width"], row["height"]) == (width, height)
+        output = decode_image(storage.read_bytes(storage.join(output_uri, row["output"])), max_pixels=10**8,
+                              min_side=8)
+        assert output.shape[:2] == (height, width)
+        assert storage.exists(storage.join(output_uri, row["mask"]))
+    for relative, reason in BAD_FILES.items():
+        row = by_source[relative]
+        assert row["status"] == "failed" and reason in row["error"], row
+        assert "\n" not in row["error"]
+    assert len({row["config_hash"] for row in rows}) == 1
+    for name in ("config.yaml", "report.html"):
+        assert storage.exists(storage.join(output_uri, name))
+    return rows
+
+
+def test_local_folder_then_rerun_skips_done_photos(ray_local, tmp_path):
+    input_uri, output_uri = str(tmp_path / "in"), str(tmp_path / "out")
+    good = make_catalogue(input_uri, tmp_path / "staging")
+    plan, summary = run_job(input_uri, output_uri)
+    assert len(plan.todo) == len(good) + len(BAD_FILES) - 1  # notes.txt is refused by suffix
+    rows = check_run(input_uri, output_uri, good)
+    assert summary.counts == {"ok": len(good), "failed": len(BAD_FILES)}
+    assert all(row["status"] == "ok" for row in rows if row["source"] in good)
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "tiny" in report and "data:image/jpeg;base64," in report and "broken/empty.jpg" in report
+
+    outputs_before = {p: (tmp_path / "out" / "images" / p).stat().st_mtime_ns
+                      for p in storage.list_files(str(tmp_path / "out" / "images"))}
+    plan, summary = run_job(input_uri, output_uri)
+    assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
+    rows = check_run(input_uri, output_uri, good)
+    assert all(row["status"] == "skipped" for row in rows if row["source"] in good)
+    assert {p: (tmp_path / "out" / "images" / p).stat().st_mtime_ns for p in outputs_before} == outputs_before
+    assert len(list((tmp_path / "out" / "_manifest").glob("*.parquet"))) == 1
+
+    # A changed config hash, or overwrite, plans every photo again (decided on the driver).
+    def planned(*extra):
+        config = load_config("configs/demo.yaml", [*TINY, *extra], values={"input": input_uri, "output": output_uri})
+        return len(prepare(config).todo)
+
+    assert planned() == len(BAD_FILES) - 1
+    assert planned("inpaint.seed=7") == planned("overwrite=true") == len(good) + len(BAD_FILES) - 1
+
+
+def test_png_output_keeps_unmasked_pixels_exact(ray_local, tmp_path):
+    room = render_room(11, 200, 150)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "room.png").write_bytes(_png(room.furnished))
+    run_job(str(tmp_path / "in"), str(tmp_path / "out"), "write.format=png")
+    (row,) = read_manifest(str(tmp_path / "out"))
+    output = np.asarray(Image.open(tmp_path / "out" / row["output"]))
+    mask = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 0
+    assert row["status"] == "ok" and np.array_equal(output[~mask], room.furnished[~mask])
+
+
+def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
+    input_uri, output_uri = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/empty/"
+    good = make_catalogue(input_uri, tmp_path)
+    _, summary = run_job(input_uri, output_uri)
+    assert summary.counts == {"ok": len(good), "failed": len(BAD_FILES)}
+    check_run(input_uri, output_uri, good)
+    manifest = storage.list_files(storage.join(output_uri, "_manifest"))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, "_manifest", manifest[0]))))
+    assert table.column_names == ["source", "output", "mask", "status", "error", "width", "height",
+                                  "mask_fraction", "seconds_mask", "seconds_inpaint", "config_hash"]
+    _, summary = run_job(input_uri, output_uri)
+    assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
+
+
+def test_bad_job_fails_before_ray_work(tmp_path):
+    config = load_config("configs/demo.yaml", TINY, values={"input": str(tmp_path / "missing"), "output": "o"})
+    with pytest.raises(JobError, match="input: .*missing"):
+        prepare(config)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(_png(np.zeros((80, 80, 3), np.uint8)))
+    config = load_config("configs/demo.yaml", [*TINY, "inpaint.model=/no/such/model"],
+                         values={"input": str(tmp_path / "in"), "output": str(tmp_path / "out")})
+    with pytest.raises(JobError, match="inpaint.model: no such folder"):
+        prepare(config)

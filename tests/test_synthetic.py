@@ -1,0 +1,151 @@
+"""Tests for the synthetic room renderer and the demo-set writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+from casalimpia import synthetic
+from casalimpia.synthetic import SyntheticRoom, main, render_room, write_demo_rooms
+
+SEEDS = range(20)
+EXIF_ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="module")
+def rooms() -> dict[int, SyntheticRoom]:
+    return {seed: render_room(seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    folder = tmp_path_factory.mktemp("demo")
+    return folder, write_demo_rooms(folder, count=8, seed=0)
+
+
+def test_shapes_and_dtypes(rooms: dict[int, SyntheticRoom]) -> None:
+    room = rooms[0]
+    assert room.furnished.shape == room.empty.shape == (384, 512, 3)
+    assert room.furnished.dtype == room.empty.dtype == np.uint8
+    assert room.mask.shape == (384, 512)
+    assert room.mask.dtype == np.bool_
+
+
+@pytest.mark.parametrize(("width", "height"), [(288, 384), (320, 320), (97, 61)])
+def test_custom_sizes(width: int, height: int) -> None:
+    room = render_room(3, width, height)
+    assert room.furnished.shape == room.empty.shape == (height, width, 3)
+    assert room.mask.shape == (height, width)
+
+
+def test_too_small_image_is_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 16x16"):
+        render_room(0, 8, 8)
+
+
+def test_same_seed_same_room(rooms: dict[int, SyntheticRoom]) -> None:
+    again = render_room(5)
+    assert np.array_equal(again.furnished, rooms[5].furnished)
+    assert np.array_equal(again.empty, rooms[5].empty)
+    assert np.array_equal(again.mask, rooms[5].mask)
+
+
+def test_different_seeds_differ(rooms: dict[int, SyntheticRoom]) -> None:
+    images = [rooms[seed].empty for seed in range(6)]
+    masks = [rooms[seed].mask for seed in range(6)]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert not np.array_equal(images[i], images[j])
+            assert not np.array_equal(masks[i], masks[j])
+
+
+def test_mask_fraction_within_bounds(rooms: dict[int, SyntheticRoom]) -> None:
+    fractions = np.array([room.mask.mean() for room in rooms.values()])
+    assert fractions.min() >= 0.05
+    assert fractions.max() <= 0.35
+    # Not all pinned to one end of the band: the layouts really vary.
+    assert fractions.max() - fractions.min() > 0.1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_furniture_changes_masked_pixels(rooms: dict[int, SyntheticRoom], seed: int) -> None:
+    room = rooms[seed]
+    changed = (room.furnished != room.empty).any(axis=-1)
+    assert changed[room.mask].mean() > 0.98
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_only_shadows_differ_outside_mask(rooms: dict[int, SyntheticRoom], seed: int) -> None:
+    room = rooms[seed]
+    outside = ~room.mask
+    # Shadows only darken the empty room, never brighten it or shift its hue.
+    assert np.all(room.furnished[outside] <= room.empty[outside])
+    # Far from any furniture, the two images are bit-identical.
+    distance = ndimage.distance_transform_edt(outside)
+    far = distance > 0.3 * max(room.mask.shape)
+    assert far.mean() > 0.1
+    assert np.array_equal(room.furnished[far], room.empty[far])
+
+
+def test_shadows_are_drawn_but_not_masked(rooms: dict[int, SyntheticRoom]) -> None:
+    for room in rooms.values():
+        shadow = (room.furnished != room.empty).any(axis=-1) & ~room.mask
+        assert shadow.sum() > 0.002 * room.mask.size
+
+
+def test_demo_writes_expected_mix(demo: tuple[Path, list[Path]]) -> None:
+    folder, paths = demo
+    assert len(paths) == len(set(paths)) == 8
+    assert all(path.is_file() and path.is_relative_to(folder) for path in paths)
+    assert {path.suffix for path in paths} >= {".jpg", ".JPG", ".png", ".webp"}
+    formats = {Image.open(path).format for path in paths}
+    assert formats == {"JPEG", "PNG", "WEBP"}
+    depths = {len(path.relative_to(folder).parts) for path in paths}
+    assert {1, 2, 3} <= depths  # top level, one folder deep and nested
+    shapes = {ImageOps.exif_transpose(Image.open(path)).size for path in paths}
+    assert any(w > h for w, h in shapes) and any(w < h for w, h in shapes) and any(w == h for w, h in shapes)
+    assert sum(path.stat().st_size for path in paths) < 300_000
+
+
+def test_demo_has_one_sideways_jpeg_with_exif_orientation(demo: tuple[Path, list[Path]]) -> None:
+    _, paths = demo
+    rotated = [path for path in paths if Image.open(path).getexif().get(EXIF_ORIENTATION) == 6]
+    assert len(rotated) == 1
+    path = rotated[0]
+    index = paths.index(path)
+    spec = synthetic._DEMO_FILES[index]
+    stored = Image.open(path)
+    assert stored.format == "JPEG"
+    assert stored.size == spec.size[::-1]
+    upright = ImageOps.exif_transpose(stored)
+    assert upright.size == spec.size
+    # Compare with the upright render itself, so a 180-degree mistake shows.
+    expected = synthetic._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
+    error = np.abs(np.asarray(upright.convert("RGB"), dtype=np.int16) - expected).mean()
+    flipped = np.abs(np.asarray(upright.convert("RGB"), dtype=np.int16) - expected[::-1, ::-1]).mean()
+    assert error < 4.0 < flipped
+
+
+def test_demo_lossless_file_matches_render(demo: tuple[Path, list[Path]]) -> None:
+    _, paths = demo
+    index = next(i for i, path in enumerate(paths) if path.suffix == ".png")
+    spec = synthetic._DEMO_FILES[index]
+    expected = synthetic._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
+    assert np.array_equal(np.asarray(Image.open(paths[index]).convert("RGB")), expected)
+
+
+def test_demo_names_stay_unique_beyond_one_cycle(tmp_path: Path) -> None:
+    paths = write_demo_rooms(tmp_path, count=9, seed=3)
+    assert len(set(paths)) == 9
+    assert all(path.is_file() for path in paths)
+
+
+def test_cli_writes_and_prints_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main([str(tmp_path / "out"), "--count", "3", "--seed", "7"])
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 3
+    assert all(Path(line).is_file() for line in printed)
