@@ -21,7 +21,6 @@ import yaml
 
 from casalimpia.classes import PRESETS, STRUCTURE, check_class_names, normalize_label
 
-
 TINY = "tiny"
 """Model reference that builds small random models in code: offline tests and demos."""
 

@@ -90,10 +90,7 @@ def composite(original: np.ndarray, painted: np.ndarray, mask: np.ndarray, feath
     which hides the seam without letting painted pixels leak outside the mask.
     """
     result = original.copy()
-    if feather > 0:
-        weight = np.clip(ndimage.distance_transform_edt(mask) / feather, 0.0, 1.0)[mask][:, None]
-    else:
-        weight = 1.0
+    weight = np.clip(ndimage.distance_transform_edt(mask) / feather, 0.0, 1.0)[mask][:, None] if feather else 1.0
     blended = weight * painted[mask].astype(np.float32) + (1 - weight) * original[mask].astype(np.float32)
     result[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return result
@@ -137,8 +134,9 @@ class Inpainter:
         errors = batch["error"].astype(object).copy()
         todo = [i for i in range(count) if not errors[i] and batch["mask_fraction"][i] > 0]
         try:
-            painted = self.paint([images[i] for i in todo], [batch["mask"][i] for i in todo],
-                                 [batch["source"][i] for i in todo])
+            painted = self.paint(
+                [images[i] for i in todo], [batch["mask"][i] for i in todo], [batch["source"][i] for i in todo]
+            )
             for i, result in zip(todo, painted, strict=True):
                 images[i] = result
         except (RuntimeError, ValueError) as error:

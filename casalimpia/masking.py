@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -194,4 +195,3 @@ def _scaled_size(shape: tuple[int, ...], short: int) -> tuple[int, int]:
     h, w = shape[:2]
     scale = short / min(h, w)
     return max(1, min(round(h * scale), 4 * short)), max(1, min(round(w * scale), 4 * short))
-

@@ -72,7 +72,7 @@ def _hub_cached(repo_id: str) -> str | None:
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any cache miss means "not cached"
+    except Exception:
         return None
 
 
@@ -99,7 +99,7 @@ def check_available(reference: str, role: str) -> None:
 
     try:
         HfApi().model_info(reference, timeout=10)
-    except Exception as error:  # noqa: BLE001 - offline, unknown repo and gated repo all end here
+    except Exception as error:
         reason = str(error).splitlines()[0][:160]
         raise ModelUnavailableError(
             f"{role}: cannot load {reference!r}: not in the local Hugging Face cache and the hub "

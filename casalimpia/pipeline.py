@@ -207,8 +207,9 @@ def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels:
     images, errors, widths, heights = [], [], [], []
     for source in batch["source"]:
         try:
-            image = decode_image(storage.read_bytes(storage.join(input_uri, source)), max_pixels=max_pixels,
-                                 min_side=min_side)
+            image = decode_image(
+                storage.read_bytes(storage.join(input_uri, source)), max_pixels=max_pixels, min_side=min_side
+            )
             error = ""
         except (ImageDecodeError, storage.StorageError) as exc:
             image, error = np.zeros((0, 0, 3), dtype=np.uint8), str(exc)
@@ -249,8 +250,10 @@ def encode_and_write(
                     row["mask"] = f"masks/{source}.png"
                     storage.write_bytes(storage.join(output_uri, row["mask"]), encode_mask(batch["mask"][i]))
                 # The image goes last: its presence is what marks the photo done for a rerun.
-                storage.write_bytes(storage.join(output_uri, row["output"]),
-                                    encode_image(batch["image"][i], image_format, quality=quality))
+                storage.write_bytes(
+                    storage.join(output_uri, row["output"]),
+                    encode_image(batch["image"][i], image_format, quality=quality),
+                )
                 row["status"] = "ok"
             except (storage.StorageError, OSError, ValueError) as exc:
                 error = f"write failed: {str(exc).splitlines()[0][:200]}"
@@ -334,8 +337,11 @@ def build_dataset(plan: Plan) -> Any:
     dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(
         read_and_decode,
-        fn_kwargs={"input_uri": config.input, "max_pixels": config.decode.max_pixels,
-                   "min_side": config.decode.min_side},
+        fn_kwargs={
+            "input_uri": config.input,
+            "max_pixels": config.decode.max_pixels,
+            "min_side": config.decode.min_side,
+        },
         batch_size=config.masking.batch_size,
         num_cpus=resources.io_cpus,
     )
@@ -357,8 +363,13 @@ def build_dataset(plan: Plan) -> Any:
     )
     return dataset.map_batches(
         encode_and_write,
-        fn_kwargs={"output_uri": config.output, "fmt": config.write.format, "quality": config.write.quality,
-                   "save_masks": config.write.save_masks, "config_hash": plan.config_hash},
+        fn_kwargs={
+            "output_uri": config.output,
+            "fmt": config.write.format,
+            "quality": config.write.quality,
+            "save_masks": config.write.save_masks,
+            "config_hash": plan.config_hash,
+        },
         batch_size=config.inpaint.batch_size,
         num_cpus=resources.io_cpus,
     )

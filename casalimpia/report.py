@@ -46,14 +46,17 @@ def _sample_cells(config: DefurnishConfig, row: dict[str, Any]) -> list[str]:
     """Thumbnails for one photo; a file that cannot be read back shows as a note, not an error."""
     limit = config.decode.max_pixels
     try:
-        source = decode_image(storage.read_bytes(storage.join(config.input, row["source"])), max_pixels=limit,
-                              min_side=1)
-        output = decode_image(storage.read_bytes(storage.join(config.output, row["output"])), max_pixels=limit,
-                              min_side=1)
+        source = decode_image(
+            storage.read_bytes(storage.join(config.input, row["source"])), max_pixels=limit, min_side=1
+        )
+        output = decode_image(
+            storage.read_bytes(storage.join(config.output, row["output"])), max_pixels=limit, min_side=1
+        )
         overlay = source
         if row["mask"]:
-            mask = decode_mask(storage.read_bytes(storage.join(config.output, row["mask"])),
-                               size=(source.shape[1], source.shape[0]))
+            mask = decode_mask(
+                storage.read_bytes(storage.join(config.output, row["mask"])), size=(source.shape[1], source.shape[0])
+            )
             overlay = _overlay(source, mask)
     except (storage.StorageError, ImageDecodeError) as error:
         return [f'<td colspan="3">cannot show: {html.escape(str(error))}</td>']
@@ -68,8 +71,10 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
     failed = [row for row in rows if row["status"] == "failed"]
     warning = ""
     if TINY in (config.masking.model, config.inpaint.model):
-        warning = ('<p class="warn">Made with the <b>tiny</b> preset: small random models for tests and '
-                   "demos. Masks and outputs are noise, not de-furnished rooms.</p>")
+        warning = (
+            '<p class="warn">Made with the <b>tiny</b> preset: small random models for tests and '
+            "demos. Masks and outputs are noise, not de-furnished rooms.</p>"
+        )
     counts = "".join(
         f"<tr><th>{status}</th><td>{sum(row['status'] == status for row in rows)}</td></tr>"
         for status in ("ok", "failed", "skipped")
@@ -84,7 +89,9 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
         f"<tr><td class='name'>{html.escape(row['source'])}</td><td>{html.escape(row['error'])}</td></tr>"
         for row in failed[:MAX_FAILED_LISTED]
     )
-    more = f"<p>and {len(failed) - MAX_FAILED_LISTED} more in the manifest.</p>" if len(failed) > MAX_FAILED_LISTED else ""
+    more = (
+        f"<p>and {len(failed) - MAX_FAILED_LISTED} more in the manifest.</p>" if len(failed) > MAX_FAILED_LISTED else ""
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>casalimpia report</title>
 <style>

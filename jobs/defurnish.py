@@ -1,6 +1,6 @@
 """Remove the furniture from every photo under an input URI.
 
-    python jobs/defurnish.py --config configs/defurnish.yaml --input s3://catalogue/raw/ --output s3://catalogue/empty/
+python jobs/defurnish.py --config configs/defurnish.yaml --input s3://catalogue/raw/ --output s3://catalogue/empty/
 """
 
 import argparse
@@ -11,9 +11,9 @@ from pathlib import Path
 # (and is not pip-installed on a cluster that only received the working directory).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from casalimpia import configure_logging  # noqa: E402
-from casalimpia.config import ConfigError, DefurnishConfig, add_config_arguments, config_from_args  # noqa: E402
-from casalimpia.pipeline import JobError, connect, execute, prepare  # noqa: E402
+from casalimpia import configure_logging
+from casalimpia.config import ConfigError, DefurnishConfig, add_config_arguments, config_from_args
+from casalimpia.pipeline import JobError, connect, execute, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(plan.todo)} photos to process, {len(plan.settled)} settled without processing "
-          f"(config {plan.config_hash}, run {plan.run_id})")
+    print(
+        f"{len(plan.todo)} photos to process, {len(plan.settled)} settled without processing "
+        f"(config {plan.config_hash}, run {plan.run_id})"
+    )
     connect(config.ray.address)
     summary = execute(plan)
     print(f"done: {summary.line()}")

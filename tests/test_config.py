@@ -69,7 +69,7 @@ def test_missing_input_and_file(tmp_path):
 
 
 def test_structure_cannot_be_removed(config_file):
-    with pytest.raises(ConfigError, match="masking.remove: the room's structure is never removed"):
+    with pytest.raises(ConfigError, match=r"masking\.remove: the room's structure is never removed"):
         load_config(config_file, ["masking.remove=[wall]"])
 
 

@@ -79,8 +79,7 @@ def check_run(input_uri: str, output_uri: str, good: dict[str, tuple[int, int]])
         row = by_source[relative]
         assert row["status"] in ("ok", "skipped"), row
         assert (row["width"], row["height"]) == (width, height)
-        output = decode_image(storage.read_bytes(storage.join(output_uri, row["output"])), max_pixels=10**8,
-                              min_side=8)
+        output = decode_image(storage.read_bytes(storage.join(output_uri, row["output"])), max_pixels=10**8, min_side=8)
         assert output.shape[:2] == (height, width)
         assert storage.exists(storage.join(output_uri, row["mask"]))
     for relative, reason in BAD_FILES.items():
@@ -104,8 +103,10 @@ def test_local_folder_then_rerun_skips_done_photos(ray_local, tmp_path):
     report = (tmp_path / "out" / "report.html").read_text()
     assert "tiny" in report and "data:image/jpeg;base64," in report and "broken/empty.jpg" in report
 
-    outputs_before = {p: (tmp_path / "out" / "images" / p).stat().st_mtime_ns
-                      for p in storage.list_files(str(tmp_path / "out" / "images"))}
+    outputs_before = {
+        p: (tmp_path / "out" / "images" / p).stat().st_mtime_ns
+        for p in storage.list_files(str(tmp_path / "out" / "images"))
+    }
     plan, summary = run_job(input_uri, output_uri)
     assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
     rows = check_run(input_uri, output_uri, good)
@@ -141,19 +142,33 @@ def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
     check_run(input_uri, output_uri, good)
     manifest = storage.list_files(storage.join(output_uri, "_manifest"))
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, "_manifest", manifest[0]))))
-    assert table.column_names == ["source", "output", "mask", "status", "error", "width", "height",
-                                  "mask_fraction", "seconds_mask", "seconds_inpaint", "config_hash"]
+    assert table.column_names == [
+        "source",
+        "output",
+        "mask",
+        "status",
+        "error",
+        "width",
+        "height",
+        "mask_fraction",
+        "seconds_mask",
+        "seconds_inpaint",
+        "config_hash",
+    ]
     _, summary = run_job(input_uri, output_uri)
     assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
 
 
 def test_bad_job_fails_before_ray_work(tmp_path):
     config = load_config("configs/demo.yaml", TINY, values={"input": str(tmp_path / "missing"), "output": "o"})
-    with pytest.raises(JobError, match="input: .*missing"):
+    with pytest.raises(JobError, match=r"input: .*missing"):
         prepare(config)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(_png(np.zeros((80, 80, 3), np.uint8)))
-    config = load_config("configs/demo.yaml", [*TINY, "inpaint.model=/no/such/model"],
-                         values={"input": str(tmp_path / "in"), "output": str(tmp_path / "out")})
-    with pytest.raises(JobError, match="inpaint.model: no such folder"):
+    config = load_config(
+        "configs/demo.yaml",
+        [*TINY, "inpaint.model=/no/such/model"],
+        values={"input": str(tmp_path / "in"), "output": str(tmp_path / "out")},
+    )
+    with pytest.raises(JobError, match=r"inpaint\.model: no such folder"):
         prepare(config)
