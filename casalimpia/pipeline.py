@@ -105,11 +105,17 @@ class Plan:
 def prepare(config: DefurnishConfig) -> Plan:
     """Check the job can run and decide what to do; raises JobError with one line otherwise."""
     # Ray workers do not share the driver's working directory: pin local paths now.
+    masks, lora = config.masking.masks, config.inpaint.lora
     config = dataclasses.replace(
         config,
         input=absolute_uri(config.input),
         output=absolute_uri(config.output),
-        masking=dataclasses.replace(config.masking, masks=config.masking.masks and absolute_uri(config.masking.masks)),
+        masking=dataclasses.replace(
+            config.masking, model=_absolute_model(config.masking.model), masks=masks and absolute_uri(masks)
+        ),
+        inpaint=dataclasses.replace(
+            config.inpaint, model=_absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
+        ),
     )
     try:
         files = storage.list_files(config.input)
@@ -155,6 +161,11 @@ def prepare(config: DefurnishConfig) -> Plan:
 def absolute_uri(uri: str) -> str:
     """s3:// URIs as they are; local paths and file:// URIs as absolute local paths."""
     return uri if storage.is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+def _absolute_model(reference: str) -> str:
+    """A model reference that names an existing local folder, made absolute; hub ids as they are."""
+    return os.path.abspath(reference) if os.path.isdir(reference) else reference
 
 
 def _check_model(reference: str, role: str) -> None:

@@ -41,13 +41,13 @@ def test_photo_seed_is_stable_and_distinct():
     assert photo_seed("a/b.jpg", 0) != photo_seed("a/c.jpg", 0) != photo_seed("a/b.jpg", 1)
 
 
-def _batch(rooms, fractions=None):
+def _batch(rooms, fractions=None, sources=None):
     count = len(rooms)
     images, masks = np.empty(count, dtype=object), np.empty(count, dtype=object)
     images[:] = [room.furnished for room in rooms]
     masks[:] = [room.mask for room in rooms]
     return {
-        "source": np.array([f"r{i}.png" for i in range(count)], dtype=object),
+        "source": np.array(sources or [f"r{i}.png" for i in range(count)], dtype=object),
         "image": images,
         "mask": masks,
         "mask_fraction": np.array(fractions or [m.mean() for m in masks]),
@@ -75,12 +75,12 @@ def test_inpainter_changes_only_masked_pixels_and_png_keeps_them_exact(inpainter
 
 def test_inpainter_is_reproducible_per_photo_whatever_the_batch(inpainter):
     rooms = [render_room(seed, 128, 96) for seed in (4, 5)]
-    together = inpainter(_batch(rooms))["image"]
-    alone = inpainter(_batch(rooms[1:]))["image"]
-    # Same seed per path, but "r0.png" in the second call is room 5: compare by source name.
-    single = inpainter({**_batch(rooms), "error": np.array(["", "skip"], dtype=object)})["image"][0]
-    assert np.array_equal(single, together[0])
-    assert alone[0].shape == together[1].shape
+    together = inpainter(_batch(rooms, sources=["a.png", "b.png"]))["image"]
+    alone = inpainter(_batch(rooms[1:], sources=["b.png"]))["image"][0]
+    renamed = inpainter(_batch(rooms[1:], sources=["c.png"]))["image"][0]
+    # The seed follows the path, not the batch position; batched kernels may round differently.
+    assert np.abs(alone.astype(int) - together[1].astype(int)).max() <= 2
+    assert np.abs(renamed.astype(int) - together[1].astype(int)).max() > 2
 
 
 def test_empty_masks_and_failed_rows_pass_through(inpainter):
