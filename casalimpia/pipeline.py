@@ -54,6 +54,7 @@ MANIFEST_SCHEMA = pa.schema(
 DONE = ("ok", "skipped")
 # Rows are persisted in parts of this many, so a crash loses at most one part of bookkeeping.
 ROWS_PER_PART = 1000
+MAX_INPUT_BLOCKS = 4096
 
 
 class JobError(RuntimeError):
@@ -343,8 +344,9 @@ def build_dataset(plan: Plan) -> Any:
     config = plan.config
     resources = config.ray
     items = [{"source": source} for source in plan.todo]
-    # Small blocks keep every stage streaming; one block per batch of the slowest stage is plenty.
-    blocks = max(1, min(len(items), -(-len(items) // config.inpaint.batch_size)))
+    # Small blocks keep every stage streaming (one per batch of the slowest stage); the cap bounds
+    # the number of objects the driver creates for a catalogue of millions.
+    blocks = max(1, min(-(-len(items) // config.inpaint.batch_size), MAX_INPUT_BLOCKS))
     dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(
         read_and_decode,
