@@ -63,16 +63,12 @@ def resolve_placement(dtype: str = "auto") -> Placement:
     return Placement(torch.device("cpu"), chosen, f"cpu ({why})")
 
 
-def is_tiny(reference: str) -> bool:
-    return reference == TINY
-
-
 def _hub_cached(repo_id: str) -> str | None:
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except Exception:
+    except Exception:  # every kind of cache miss means the same thing here: not cached
         return None
 
 
@@ -81,7 +77,7 @@ def check_available(reference: str, role: str) -> None:
 
     ``role`` is the config key that named the model, so the message says what to change.
     """
-    if is_tiny(reference):
+    if reference == TINY:
         return
     if storage.is_s3(reference) or reference.startswith("file://"):
         try:
@@ -99,7 +95,7 @@ def check_available(reference: str, role: str) -> None:
 
     try:
         HfApi().model_info(reference, timeout=10)
-    except Exception as error:
+    except Exception as error:  # offline, unknown repo and gated repo all end the same way
         reason = str(error).splitlines()[0][:160]
         raise ModelUnavailableError(
             f"{role}: cannot load {reference!r}: not in the local Hugging Face cache and the hub "
@@ -132,7 +128,7 @@ def local_path(reference: str) -> str:
 
 def load_segmenter(reference: str, placement: Placement) -> tuple[Any, Any]:
     """OneFormer and the tokenizer for its task prompt, in eval mode on the placement."""
-    if is_tiny(reference):
+    if reference == TINY:
         model, tokenizer = tiny_segmenter()
     else:
         from transformers import AutoTokenizer, OneFormerForUniversalSegmentation
@@ -146,7 +142,7 @@ def load_segmenter(reference: str, placement: Placement) -> tuple[Any, Any]:
 
 def load_inpainting_pipeline(reference: str, placement: Placement) -> Any:
     """A diffusers StableDiffusionInpaintPipeline on the placement, progress bars off."""
-    if is_tiny(reference):
+    if reference == TINY:
         pipe = tiny_inpainting_pipeline()
         if placement.dtype != torch.float32:
             pipe = pipe.to(dtype=placement.dtype)
