@@ -229,19 +229,289 @@ class DefurnishConfig:
     HASHED_SECTIONS: typing.ClassVar[tuple[str, ...]] = ("decode", "masking", "inpaint", "write")
 
     def __post_init__(self) -> None:
-        _check(bool(self.input), "input", "is required (in the config or with --input)")
-        _check(bool(self.output), "output", "is required (in the config or with --output)")
+        _check_job_uris(self.input, self.output)
         _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
         _check(self.report_samples >= 0, "report_samples", "must be non-negative")
-        source, target = _strip_slash(self.input), _strip_slash(self.output)
-        _check(source != target, "output", "must differ from input (outputs would be read back as inputs)")
-        _check(not target.startswith(source + "/"), "output", "must not be inside input (outputs would be read back)")
 
     def config_hash(self) -> str:
         """Short hash of everything that changes the output pixels."""
-        hashed = {name: dataclasses.asdict(getattr(self, name)) for name in self.HASHED_SECTIONS}
-        canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _hash_sections(self, self.HASHED_SECTIONS)
+
+
+@dataclass
+class MaskLibraryConfig:
+    """The mask library job: furniture masks and margin rings cut from furnished photos, for training."""
+
+    input: str = ""
+    """URI of the furnished-room photos to cut masks from."""
+    output: str = ""
+    """URI the masks, rings, manifest (the library's index) and resolved config are written under."""
+    overwrite: bool = False
+    """Redo photos already done with the same config (otherwise they are skipped)."""
+    limit: int | None = None
+    """Process at most this many photos (in listing order); unset processes all."""
+    ring: int = 20
+    """Width in pixels of the margin ring: the band of real pixels just outside the mask that is kept."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Furniture segmentation."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster resources (the inpainting settings are not used)."""
+
+    HASHED_SECTIONS: typing.ClassVar[tuple[str, ...]] = ("decode", "masking", "ring")
+
+    def __post_init__(self) -> None:
+        _check_job_uris(self.input, self.output)
+        _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
+        _check(0 <= self.ring <= 512, "ring", "must be in [0, 512] pixels")
+
+    def config_hash(self) -> str:
+        """Short hash of everything that changes the masks and rings written."""
+        return _hash_sections(self, self.HASHED_SECTIONS)
+
+
+OPTIMIZERS = ("adamw", "adagrad", "sgd")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+DEFAULT_SPLIT = [10000 / 13000, 1500 / 13000, 1500 / 13000]
+
+
+@dataclass
+class TrainDataConfig:
+    """Synthetic training pairs: empty rooms with furniture silhouettes from the mask library."""
+
+    rooms: str = ""
+    """URI of the empty-room photos (split into train/validation/test by a hash of each path)."""
+    library: str = ""
+    """URI of a mask library written by jobs/masks.py."""
+    split: list[float] = field(default_factory=lambda: list(DEFAULT_SPLIT))
+    """Fractions of rooms in train, validation and test (10000/1500/1500 of 13000 by default)."""
+    resolution: int = 512
+    """Side of the square training image in pixels (a multiple of 8)."""
+    min_mask_fraction: float = 0.01
+    """Library masks covering less of their photo than this are not used."""
+    max_mask_fraction: float = 0.7
+    """Library masks covering more of their photo than this are not used."""
+    ring_probability: float = 1.0
+    """Probability that a pair gets the mask's margin ring pasted as real pixels around the hole."""
+    flip: bool = True
+    """Randomly flip rooms and masks left-right."""
+    shape_warmup_pct: float = 0.0
+    """Fraction of the epochs, at the start, that use random rectangles, ellipses and blobs as masks."""
+    overfit: bool = False
+    """Train and validate on a single room with a fixed mask, to prove the loop can memorise."""
+    overfit_repeats: int = 16
+    """Copies of the single room per epoch when overfitting."""
+    validation_rooms: int = 16
+    """At most this many validation rooms are inpainted after each epoch (fixed masks and seeds)."""
+    limit: int | None = None
+    """Use at most this many training rooms; unset uses all."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks of the room photos."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.rooms), "data.rooms", "is required (in the config or with --input)")
+        needs_library = self.shape_warmup_pct < 1.0
+        _check(bool(self.library) or not needs_library, "data.library", "is required (or shape_warmup_pct: 1)")
+        _check(
+            len(self.split) == 3 and all(f >= 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-6,
+            "data.split",
+            "must be three non-negative fractions (train, validation, test) summing to 1",
+        )
+        _check(self.split[0] > 0, "data.split", "the train fraction must be positive")
+        _check(self.resolution >= 64 and self.resolution % 8 == 0, "data.resolution", "must be a multiple of 8, >= 64")
+        _check(0 <= self.min_mask_fraction < self.max_mask_fraction <= 1, "data.min_mask_fraction", "must be below max")
+        _check(0 <= self.ring_probability <= 1, "data.ring_probability", "must be in [0, 1]")
+        _check(0 <= self.shape_warmup_pct <= 1, "data.shape_warmup_pct", "must be in [0, 1]")
+        _check(self.overfit_repeats >= 1, "data.overfit_repeats", "must be at least 1")
+        _check(self.validation_rooms >= 1, "data.validation_rooms", "must be at least 1")
+        _check(self.limit is None or self.limit >= 1, "data.limit", "must be at least 1")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter injected into the inpainting UNet's attention layers."""
+
+    rank: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 8.0
+    """Scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    """UNet module names that get an adapter."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", "must be at least 1")
+        _check(self.alpha > 0, "lora.alpha", "must be positive")
+        _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and step hygiene."""
+
+    optimizer: str = "adamw"
+    """One of adamw, adagrad, sgd."""
+    learning_rate: float = 1e-4
+    """Initial (peak) learning rate."""
+    lr_scheduler: str = "constant"
+    """diffusers schedule name: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ..."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up (schedules that have one)."""
+    weight_decay: float = 0.01
+    """Weight decay (decoupled for AdamW)."""
+    momentum: float = 0.9
+    """Momentum for SGD."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this; 0 switches clipping off."""
+    max_nonfinite: int = 20
+    """Stop the run after this many consecutive non-finite losses (each one skips its step)."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {list(OPTIMIZERS)}")
+        _check(self.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler", f"must be one of {list(LR_SCHEDULERS)}")
+        _check(self.learning_rate > 0, "optim.learning_rate", "must be positive")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be non-negative")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be non-negative")
+        _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _check(self.grad_accum >= 1, "optim.grad_accum", "must be at least 1")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be non-negative")
+        _check(self.max_nonfinite >= 1, "optim.max_nonfinite", "must be at least 1")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking with Weights & Biases (rank 0 only)."""
+
+    wandb: bool = True
+    """Log to W&B; without WANDB_API_KEY the run is written offline (sync it later with `wandb sync`)."""
+    project: str = "casalimpia"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); unset uses the key's default."""
+    group: str | None = None
+    """W&B group, e.g. one sweep; unset uses the run name."""
+    dir: str = "wandb"
+    """Local folder W&B writes its files to (offline runs stay here)."""
+    log_every: int = 10
+    """Log loss and learning rate every this many optimizer steps."""
+    images: int = 4
+    """Validation examples (input, output, target) shown in the per-epoch grid."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_every >= 1, "tracking.log_every", "must be at least 1")
+        _check(self.images >= 0, "tracking.images", "must be non-negative")
+
+
+@dataclass
+class TrainRayConfig:
+    """Ray Train workers."""
+
+    address: str | None = None
+    """Ray cluster address; unset uses RAY_ADDRESS or a running local cluster, else starts one."""
+    workers: int = 1
+    """Data-parallel training workers (one per GPU)."""
+    use_gpu: bool = False
+    """Give each worker a GPU."""
+    accelerator_type: str | None = None
+    """Only schedule workers on nodes with this accelerator (e.g. A100, H100)."""
+    cpus_per_worker: float = 1.0
+    """CPUs per training worker (use fractions on small machines)."""
+    data_cpus: float = 1.0
+    """CPUs per pair-building task of Ray Data."""
+    max_failures: int = 0
+    """Times the workers are restarted from the latest checkpoint after a failure (-1: forever)."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "ray.workers", "must be at least 1")
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
+        _check(self.data_cpus > 0, "ray.data_cpus", "must be positive")
+        _check(self.max_failures >= -1, "ray.max_failures", "must be -1 (forever) or more")
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning of the inpainting UNet on synthetic pairs."""
+
+    name: str = "casalimpia-lora"
+    """Run name; starting a run with the same name and storage resumes it."""
+    storage: str = ""
+    """URI the run folder (checkpoints, final LoRA, config) is written under: local path or s3://."""
+    epochs: int = 10
+    """Passes over the training rooms."""
+    batch_size: int = 4
+    """Pairs per worker per micro-batch."""
+    precision: str = "auto"
+    """Mixed precision: auto (bf16, else fp16 on a GPU; fp32 on CPU), bf16, fp16 (with a GradScaler) or fp32."""
+    prompt: str = ""
+    """Text the UNet is conditioned on while training ('' trains unconditionally)."""
+    seed: int = 0
+    """Seed of the LoRA initialisation, noise and validation masks."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many epochs (and always after the last)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept, the best by checkpoint_metric."""
+    checkpoint_metric: str = "val/psnr_mask"
+    """Reported metric that ranks checkpoints."""
+    checkpoint_mode: str = "max"
+    """Whether a higher ('max') or lower ('min') checkpoint_metric is better."""
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    """Training pairs."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    """Base inpainting model, and how validation paints (the de-furnishing job's settings)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Weights & Biases."""
+    ray: TrainRayConfig = field(default_factory=TrainRayConfig)
+    """Workers and fault tolerance."""
+
+    def __post_init__(self) -> None:
+        plain = bool(self.name) and "/" not in self.name and self.name not in (".", "..")
+        _check(plain, "name", "must be a plain name (no '/')")
+        _check(bool(self.storage), "storage", "is required (in the config or with --output)")
+        _check(self.epochs >= 1, "epochs", "must be at least 1")
+        _check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _check(self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+        _check(self.checkpoint_mode in ("max", "min"), "checkpoint_mode", "must be max or min")
+        _check(self.inpaint.lora is None, "inpaint.lora", "must be unset: training makes the LoRA")
+
+
+def _check_job_uris(source: str, target: str) -> None:
+    _check(bool(source), "input", "is required (in the config or with --input)")
+    _check(bool(target), "output", "is required (in the config or with --output)")
+    source, target = _strip_slash(source), _strip_slash(target)
+    _check(source != target, "output", "must differ from input (outputs would be read back as inputs)")
+    _check(not target.startswith(source + "/"), "output", "must not be inside input (outputs would be read back)")
+
+
+def _hash_sections(config: Any, names: tuple[str, ...]) -> str:
+    hashed = {name: _plain(getattr(config, name)) for name in names}
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _strip_slash(uri: str) -> str:
@@ -274,15 +544,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Return a copy of data with each 'a.b=value' override applied."""
     merged = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for item in overrides:
-        path, value = parse_override(item)
-        node = merged
-        for depth, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+        _set_path(merged, *parse_override(item))
     return merged
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
@@ -327,8 +600,8 @@ def load_config(
 ) -> Any:
     """Load cls from a YAML file (or defaults when path is None).
 
-    ``overrides`` are 'a.b=value' strings parsed as YAML scalars; ``values`` are top-level keys
-    set verbatim afterwards (URIs from dedicated flags, which must not be YAML-parsed).
+    ``overrides`` are 'a.b=value' strings parsed as YAML scalars; ``values`` map keys ('a.b') to
+    values set verbatim afterwards (URIs from dedicated flags, which must not be YAML-parsed).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -341,7 +614,9 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     data = apply_overrides(data, overrides or [])
-    data.update({key: value for key, value in (values or {}).items() if value is not None})
+    for key, value in (values or {}).items():
+        if value is not None:
+            _set_path(data, key.split("."), value)
     return build(cls, data)
 
 
@@ -360,6 +635,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, cls: type, **values: Any) -> Any:
-    """The config named by parsed job arguments, with --input/--output and extra values applied."""
-    return load_config(args.config, args.overrides, cls, {"input": args.input, "output": args.output, **values})
+def config_from_args(
+    args: argparse.Namespace, cls: type, *, input_key: str = "input", output_key: str = "output", **values: Any
+) -> Any:
+    """The config named by parsed job arguments, with --input/--output and extra values applied.
+
+    ``input_key`` and ``output_key`` name the config keys the two URI flags set (e.g. 'data.rooms').
+    """
+    uris = {input_key: args.input, output_key: args.output}
+    return load_config(args.config, args.overrides, cls, {**uris, **values})

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,11 +103,17 @@ class Inpainter:
     Rows with an error pass through untouched; rows with an empty mask are copied through unpainted.
     """
 
-    def __init__(self, config: InpaintConfig, dtype: str = "auto") -> None:
+    def __init__(self, config: InpaintConfig, dtype: str = "auto", pipeline: Any = None) -> None:
+        """Load config.model on the resolved placement, or paint with ``pipeline`` when one is given.
+
+        Training validation passes the pipeline it is training, so it measures what users will get.
+        """
         self.config = config
-        self.placement = resolve_placement(dtype)
-        log.info("inpainting on %s", self.placement.reason)
-        self.pipe = load_inpainting_pipeline(config.model, self.placement)
+        if pipeline is None:
+            placement = resolve_placement(dtype)
+            log.info("inpainting on %s", placement.reason)
+            pipeline = load_inpainting_pipeline(config.model, placement)
+        self.pipe = pipeline
         if config.scheduler != "default":
             import diffusers
 
