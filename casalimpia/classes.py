@@ -69,3 +69,18 @@ def removal_classes(preset: str, remove: list[str], keep: list[str]) -> list[str
     chosen = dict.fromkeys(PRESETS[preset] + tuple(normalize_label(n) for n in remove))
     excluded = {normalize_label(n) for n in keep} | set(STRUCTURE)
     return [name for name in chosen if name not in excluded]
+
+
+CLASS_SEPARATOR = ","
+"""Joins class names into one string column: it survives Ray Data's arrow blocks whatever the
+number of names, where a column of lists can turn into a fixed-shape tensor or a list<null>."""
+
+
+def join_class_names(names: list[str]) -> str:
+    """Class names as one string ('' for none); no ADE20K name contains the separator."""
+    return CLASS_SEPARATOR.join(names)
+
+
+def split_class_names(joined: str) -> list[str]:
+    """The class names of a string made by join_class_names."""
+    return joined.split(CLASS_SEPARATOR) if joined else []

@@ -458,8 +458,8 @@ class TrainConfig:
     """Pairs per worker per micro-batch."""
     precision: str = "auto"
     """Mixed precision: auto (bf16, else fp16 on a GPU; fp32 on CPU), bf16, fp16 (with a GradScaler) or fp32."""
-    prompt: str = ""
-    """Text the UNet is conditioned on while training ('' trains unconditionally)."""
+    prompt: str | None = None
+    """Text the UNet is conditioned on while training; unset uses inpaint.prompt, '' trains unconditionally."""
     seed: int = 0
     """Seed of the LoRA initialisation, noise and validation masks."""
     checkpoint_every: int = 1

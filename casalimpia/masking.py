@@ -2,6 +2,7 @@
 
 ``FurnitureMasker`` runs OneFormer semantic segmentation on a batch of photos, turns the label map
 into a removal mask with the class policy, and refines it (drop specks, fill holes, grow the edge).
+It also names the removal classes found in each photo, for the mask library's index.
 Refinement runs at segmentation resolution, where it is cheap and as precise as the labels are,
 and only the final mask is upsampled to the photo's own size. With ``masking.masks`` set, masks are
 read from the user's folder instead and no model is loaded.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from casalimpia import storage
-from casalimpia.classes import normalize_label, removal_classes
+from casalimpia.classes import join_class_names, normalize_label, removal_classes
 from casalimpia.config import MaskingConfig
 from casalimpia.images import ImageDecodeError, decode_mask
 from casalimpia.models import load_segmenter, resolve_placement
@@ -59,10 +60,12 @@ def mask_candidates(source: str) -> list[str]:
 
 
 class FurnitureMasker:
-    """Callable batch stage: adds ``mask``, ``mask_fraction`` and ``seconds_mask`` columns.
+    """Callable batch stage: adds ``mask``, ``mask_fraction``, ``classes`` and ``seconds_mask`` columns.
 
     Input rows carry ``source`` (relative path), ``image`` ((H, W, 3) uint8) and ``error``
     (empty when the row is healthy). Rows that already failed pass through untouched.
+    ``classes`` holds the sorted names of the removal classes in the photo's label map, joined by
+    ``join_class_names``; it is empty for user-supplied masks and failed rows.
     """
 
     def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
@@ -74,7 +77,9 @@ class FurnitureMasker:
         self.placement = resolve_placement(dtype)
         log.info("masking on %s", self.placement.reason)
         self.model, tokenizer = load_segmenter(config.model, self.placement)
-        self.removal_ids = self._removal_ids(self.model.config.id2label)
+        id2label = self.model.config.id2label
+        self.removal_ids = self._removal_ids(id2label)
+        self.class_names = {int(i): normalize_label(label) for i, label in id2label.items()}
         task = tokenizer(
             TASK_PROMPT,
             padding="max_length",
@@ -86,13 +91,13 @@ class FurnitureMasker:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.placement.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.placement.device).view(1, 3, 1, 1)
 
-    def _removal_ids(self, id2label: dict[int, str]) -> torch.Tensor:
+    def _removal_ids(self, id2label: dict[int, str]) -> np.ndarray:
         label2id = {normalize_label(label): int(i) for i, label in id2label.items()}
         names = removal_classes(self.config.preset, self.config.remove, self.config.keep)
         missing = [name for name in names if name not in label2id]
         if missing:
             raise ValueError(f"masking.model {self.config.model!r} has no classes named {missing}")
-        ids = torch.zeros(len(id2label), dtype=torch.bool)
+        ids = np.zeros(len(id2label), dtype=bool)
         ids[[label2id[name] for name in names]] = True
         return ids
 
@@ -100,6 +105,7 @@ class FurnitureMasker:
         start = time.perf_counter()
         count = len(batch["source"])
         masks = np.empty(count, dtype=object)
+        classes = np.full(count, "", dtype=object)
         fractions = np.zeros(count, dtype=np.float64)
         errors = batch["error"].astype(object).copy()
         healthy = [i for i in range(count) if not errors[i]]
@@ -109,9 +115,9 @@ class FurnitureMasker:
             results = self._segment_with_fallback([batch["image"][i] for i in healthy], healthy)
         for i in range(count):
             outcome = results.get(i)
-            if isinstance(outcome, np.ndarray):
-                masks[i] = outcome
-                fractions[i] = float(outcome.mean())
+            if isinstance(outcome, tuple):
+                masks[i], classes[i] = outcome
+                fractions[i] = float(masks[i].mean())
             else:
                 masks[i] = np.zeros((0, 0), dtype=bool)
                 if outcome is not None:
@@ -121,38 +127,54 @@ class FurnitureMasker:
             **batch,
             "mask": masks,
             "mask_fraction": fractions,
+            "classes": classes,
             "seconds_mask": np.where([bool(e) for e in errors], 0.0, seconds),
             "error": errors,
         }
 
-    def _read_user_mask(self, source: str, shape: tuple[int, int]) -> np.ndarray | str:
+    def _read_user_mask(self, source: str, shape: tuple[int, int]) -> tuple[np.ndarray, str] | str:
         for candidate in mask_candidates(source):
             uri = storage.join(self.config.masks, candidate)
             if storage.exists(uri):
                 try:
-                    return decode_mask(storage.read_bytes(uri), size=(shape[1], shape[0]))
+                    return decode_mask(storage.read_bytes(uri), size=(shape[1], shape[0])), ""
                 except ImageDecodeError as error:
                     return f"bad mask {candidate}: {error}"
         return f"no mask for {source} under {self.config.masks}"
 
-    def _segment_with_fallback(self, images: list[np.ndarray], rows: list[int]) -> dict[int, np.ndarray | str]:
-        """Segment the batch at once; if that fails, one photo at a time so one bad photo fails alone."""
+    def _segment_with_fallback(
+        self, images: list[np.ndarray], rows: list[int]
+    ) -> dict[int, tuple[np.ndarray, str] | str]:
+        """Segment the batch at once; if that fails, one photo at a time so one bad photo fails alone.
+
+        Each healthy row maps to its mask and class names, each failed one to a one-line error.
+        """
         if not images:
             return {}
         try:
-            return dict(zip(rows, self.segment(images), strict=True))
+            return {
+                row: (self.removal_mask(labels, image.shape[:2]), self.present_classes(labels))
+                for row, image, labels in zip(rows, images, self.label_maps(images), strict=True)
+            }
         except (RuntimeError, ValueError) as error:
             if len(images) == 1:
                 return {rows[0]: f"segmentation failed: {str(error).splitlines()[0][:200]}"}
             log.warning("segmentation of a batch of %d failed (%s); retrying one by one", len(images), error)
-            out: dict[int, np.ndarray | str] = {}
+            out: dict[int, tuple[np.ndarray, str] | str] = {}
             for image, row in zip(images, rows, strict=True):
                 out.update(self._segment_with_fallback([image], [row]))
             return out
 
-    @torch.inference_mode()
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Removal masks, (H, W) bool at each photo's own size, for a list of RGB photos."""
+        return [
+            self.removal_mask(labels, image.shape[:2])
+            for image, labels in zip(images, self.label_maps(images), strict=True)
+        ]
+
+    @torch.inference_mode()
+    def label_maps(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Class id of every pixel, at segmentation resolution (aspect kept), for a list of RGB photos."""
         device, dtype = self.placement.device, self.placement.dtype
         short = self.config.resolution
         sizes = [_scaled_size(image.shape[:2], short) for image in images]
@@ -170,14 +192,18 @@ class FurnitureMasker:
         class_probs = outputs.class_queries_logits.float().softmax(-1)[..., :-1]
         mask_probs = outputs.masks_queries_logits.float().sigmoid()
         mask_probs = F.interpolate(mask_probs, size=(height, width), mode="bilinear", align_corners=False)
-        labels = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs).argmax(1)
-        removal = self.removal_ids.to(device)[labels].cpu().numpy()
-        return [
-            self._finish(removal[i, :h, :w], image.shape[:2])
-            for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True))
-        ]
+        # Class ids fit int16: a quarter of argmax's int64 bytes to copy off the accelerator.
+        labels = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs).argmax(1).to(torch.int16).cpu().numpy()
+        return [labels[i, :h, :w] for i, (h, w) in enumerate(sizes)]
 
-    def _finish(self, mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    def present_classes(self, labels: np.ndarray) -> str:
+        """The removal classes found in a label map: sorted names joined by join_class_names."""
+        found = np.unique(labels)
+        return join_class_names(sorted(self.class_names[int(i)] for i in found[self.removal_ids[found]]))
+
+    def removal_mask(self, labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """The refined removal mask of a label map, upsampled to the photo's (H, W) shape."""
+        mask = self.removal_ids[labels]
         h, w = mask.shape
         mask = refine_mask(
             mask,

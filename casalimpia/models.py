@@ -240,7 +240,12 @@ def tiny_inpainting_pipeline() -> Any:
             down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
             up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
             latent_channels=4,
+            norm_num_groups=8,
+            # Latents are the pooled RGB in [-1, 1]; this brings them to about unit variance, as
+            # SD's own factor does for its VAE, so noise and signal meet at the usual timesteps.
+            scaling_factor=2.0,
         )
+        wire_transparent_autoencoder(vae)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 bos_token_id=tokenizer.bos_token_id,
@@ -271,3 +276,82 @@ def tiny_inpainting_pipeline() -> Any:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def wire_transparent_autoencoder(vae: Any, constant: float = 10.0, offset: float = 30.0) -> None:
+    """Set the tiny VAE's weights so that decode(encode(x)) is x at half resolution, nearly losslessly.
+
+    A random VAE decodes to images unrelated to its input, so nothing painted through it can be
+    compared with a target and no test could see an inpainting model learn. Wired this way, the
+    encoder is a 2x2 average pool with RGB as the latent mean (a vanishing variance) and the
+    decoder a nearest-neighbour upsample: every residual branch and attention output is zeroed,
+    so each block passes its input through. The final GroupNorm of each half would remove every
+    image's mean and scale, so each signal channel shares its group with channels held at
+    +constant, -constant and 0: those pin the group's statistics (up to O((x / constant)^2)) and
+    the zero channel carries the subtracted mean, which the output convolution adds back.
+    ``offset`` keeps SiLU in its linear range. Needs ``norm_num_groups=8`` and channels (32, 64).
+    """
+    import torch
+
+    encoder, decoder = vae.encoder, vae.decoder
+    with torch.no_grad():
+        for module in vae.modules():
+            if type(module).__name__ == "ResnetBlock2D":
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+                if module.conv_shortcut is not None:
+                    _identity_conv(module.conv_shortcut)
+            elif type(module).__name__ == "Attention":
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+        encoder_group = encoder.conv_norm_out.num_channels // encoder.conv_norm_out.num_groups
+        decoder_group = decoder.conv_norm_out.num_channels // decoder.conv_norm_out.num_groups
+        # Colour c travels in channel c * group of its half, with its +K, -K and zero companions after it.
+        _pinned_input(encoder.conv_in, [c * encoder_group for c in range(3)], constant)
+        pool = encoder.down_blocks[0].downsamplers[0].conv
+        pool.weight.zero_()
+        pool.bias.zero_()
+        for channel in range(pool.out_channels):
+            pool.weight[channel, channel, :2, :2] = 0.25
+        _pinned_output(encoder.conv_norm_out, encoder.conv_out, encoder_group, constant, offset)
+        encoder.conv_out.bias[vae.config.latent_channels :] = -30.0  # log-variance: the latent is its mean
+        _identity_conv(vae.quant_conv)
+        _identity_conv(vae.post_quant_conv)
+        _pinned_input(decoder.conv_in, [c * decoder_group for c in range(3)], constant)
+        _identity_conv(decoder.up_blocks[0].upsamplers[0].conv)
+        _pinned_output(decoder.conv_norm_out, decoder.conv_out, decoder_group, constant, offset)
+
+
+def _identity_conv(conv: Any) -> None:
+    """Pass channel i to channel i (for i below both channel counts) through the kernel's centre."""
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    centre_y, centre_x = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    for channel in range(min(conv.in_channels, conv.out_channels)):
+        conv.weight[channel, channel, centre_y, centre_x] = 1.0
+
+
+def _pinned_input(conv: Any, targets: list[int], constant: float) -> None:
+    """Input channel c to output channel targets[c], followed by channels at +constant and -constant."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    centre_y, centre_x = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    for source, target in enumerate(targets):
+        conv.weight[target, source, centre_y, centre_x] = 1.0
+        conv.bias[target + 1] = constant
+        conv.bias[target + 2] = -constant
+
+
+def _pinned_output(norm: Any, conv: Any, group: int, constant: float, offset: float) -> None:
+    """Undo the GroupNorm of pinned groups: output c = scale * (signal - zero companion) of group c."""
+    norm.weight.fill_(1.0)
+    norm.bias.fill_(offset)
+    # The group's spread is set by the +constant and -constant channels: sqrt(2 constant^2 / group).
+    scale = constant * (2.0 / group) ** 0.5
+    conv.weight.zero_()
+    conv.bias.zero_()
+    centre_y, centre_x = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    for colour in range(3):
+        conv.weight[colour, colour * group, centre_y, centre_x] = scale
+        conv.weight[colour, colour * group + 3, centre_y, centre_x] = -scale

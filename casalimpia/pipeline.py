@@ -9,6 +9,10 @@ photos already done. ``execute`` streams the photos to do through
 and collects the small manifest rows on the driver, persisting them as it goes, so an interrupted
 run resumes from what was written. Every listed file ends as exactly one manifest row.
 
+The mask library job (``casalimpia.training.library``) shares the rest: planning (``plan_run``),
+reading and masking (``masked_photos``), the manifest (``ManifestWriter``, ``read_manifest``) and the
+driver loop (``run_plan``); each job brings its own manifest schema, checks and write task.
+
 The read and write functions run as Ray tasks in many short-lived workers, so this module imports
 torch-based code (models, stages) only inside the driver functions that need it.
 """
@@ -21,16 +25,17 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from casalimpia import configure_logging, storage
-from casalimpia.config import TINY, DefurnishConfig, to_yaml
+from casalimpia.config import TINY, DecodeConfig, DefurnishConfig, MaskingConfig, RayConfig, to_yaml
 from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,24 @@ MAX_INPUT_BLOCKS = 4096
 
 class JobError(RuntimeError):
     """A job that cannot start; the message is one line for the user."""
+
+
+class PhotoJobConfig(Protocol):
+    """What the shared pieces need of a job's config: DefurnishConfig and MaskLibraryConfig have it."""
+
+    input: str
+    output: str
+    overwrite: bool
+    limit: int | None
+    decode: DecodeConfig
+    masking: MaskingConfig
+    ray: RayConfig
+
+    def config_hash(self) -> str: ...
+
+
+NewRow = Callable[..., dict[str, Any]]
+"""Builds one manifest row of a job's schema: ``new_row(source, config_hash, **values)``, failed by default."""
 
 
 def manifest_row(source: str, config_hash: str, **values: Any) -> dict[str, Any]:
@@ -94,7 +117,8 @@ def unsafe_path_reason(relative: str) -> str | None:
 class Plan:
     """What one run will do, decided on the driver before any Ray work."""
 
-    config: DefurnishConfig
+    config: Any
+    """The job's config (DefurnishConfig, MaskLibraryConfig), its local paths made absolute."""
     config_hash: str
     run_id: str
     todo: list[str]
@@ -106,34 +130,32 @@ class Plan:
 def prepare(config: DefurnishConfig) -> Plan:
     """Check the job can run and decide what to do; raises JobError with one line otherwise."""
     # Ray workers do not share the driver's working directory: pin local paths now.
-    masks, lora = config.masking.masks, config.inpaint.lora
+    lora = config.inpaint.lora
     config = dataclasses.replace(
         config,
         input=absolute_uri(config.input),
         output=absolute_uri(config.output),
-        masking=dataclasses.replace(
-            config.masking, model=_absolute_model(config.masking.model), masks=masks and absolute_uri(masks)
-        ),
+        masking=pin_masking(config.masking),
         inpaint=dataclasses.replace(
             config.inpaint, model=_absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
         ),
     )
-    try:
-        files = storage.list_files(config.input)
-    except storage.StorageError as error:
-        raise JobError(f"input: {error}") from None
-    if not files:
-        raise JobError(f"input: no files under {config.input}")
-    if config.masking.masks is None:
-        _check_model(config.masking.model, "masking.model")
-    else:
-        try:
-            storage.list_files(config.masking.masks)
-        except storage.StorageError as error:
-            raise JobError(f"masking.masks: {error}") from None
+    files = list_input(config.input)
+    check_masking(config.masking)
     _check_model(config.inpaint.model, "inpaint.model")
     if config.inpaint.lora is not None:
         _check_lora(config.inpaint.lora)
+    # The image is written last: its presence is what marks a photo done.
+    return plan_run(config, files, manifest_row, file_columns=("output",))
+
+
+def plan_run(config: PhotoJobConfig, files: list[str], new_row: NewRow, file_columns: tuple[str, ...]) -> Plan:
+    """Check the output is writable, refuse unsafe and unsupported files, apply the limit, split off done photos.
+
+    ``files`` are the input's relative paths. A photo counts as done when the output holds an ok or
+    skipped row of it with this config's hash and every file its ``file_columns`` name (see
+    ``completed_rows``); done photos become skipped rows unless ``config.overwrite`` is set.
+    """
     try:
         storage.ensure_writable(config.output)
     except storage.StorageError as error:
@@ -150,13 +172,41 @@ def prepare(config: DefurnishConfig) -> Plan:
         if reason is None:
             photos.append(relative)
         else:
-            settled.append(manifest_row(relative, config_hash, error=reason))
+            settled.append(new_row(relative, config_hash, error=reason))
     if config.limit is not None:
         photos = photos[: config.limit]
-    done = {} if config.overwrite else completed_rows(config.output, config_hash)
+    done = {} if config.overwrite else completed_rows(config.output, config_hash, file_columns)
     todo = [relative for relative in photos if relative not in done]
     settled += [{**done[relative], "status": "skipped", "error": ""} for relative in photos if relative in done]
     return Plan(config, config_hash, run_id, todo, settled)
+
+
+def list_input(uri: str) -> list[str]:
+    """The relative paths of every file under the input URI; raises JobError when there are none."""
+    try:
+        files = storage.list_files(uri)
+    except storage.StorageError as error:
+        raise JobError(f"input: {error}") from None
+    if not files:
+        raise JobError(f"input: no files under {uri}")
+    return files
+
+
+def pin_masking(masking: MaskingConfig) -> MaskingConfig:
+    """The masking section with a local model folder and the user's masks folder made absolute."""
+    masks = masking.masks
+    return dataclasses.replace(masking, model=_absolute_model(masking.model), masks=masks and absolute_uri(masks))
+
+
+def check_masking(masking: MaskingConfig) -> None:
+    """The segmentation model, or the user's masks folder, is there; raises JobError otherwise."""
+    if masking.masks is None:
+        _check_model(masking.model, "masking.model")
+        return
+    try:
+        storage.list_files(masking.masks)
+    except storage.StorageError as error:
+        raise JobError(f"masking.masks: {error}") from None
 
 
 def absolute_uri(uri: str) -> str:
@@ -201,16 +251,24 @@ def read_manifest(output: str) -> list[dict[str, Any]]:
     return rows
 
 
-def completed_rows(output: str, config_hash: str) -> dict[str, dict[str, Any]]:
-    """Rows of photos already done with this config whose output file is really there."""
-    try:
-        written = {f"images/{p}" for p in storage.list_files(storage.join(output, "images"))}
-    except storage.StorageError:
-        return {}
+def completed_rows(output: str, config_hash: str, file_columns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Rows of photos already done with this config whose files are really there.
+
+    ``file_columns`` name the row's columns that hold paths under output ('' when the row has no
+    such file); each top-level folder they point into is listed once.
+    """
+    candidates = [row for row in read_manifest(output) if row["status"] in DONE and row["config_hash"] == config_hash]
+    folders = {row[column].split("/", 1)[0] for row in candidates for column in file_columns if row[column]}
+    written: set[str] = set()
+    for folder in folders:
+        try:
+            written.update(f"{folder}/{path}" for path in storage.list_files(storage.join(output, folder)))
+        except storage.StorageError:
+            continue
     return {
         row["source"]: row
-        for row in read_manifest(output)
-        if row["status"] in DONE and row["config_hash"] == config_hash and row["output"] in written
+        for row in candidates
+        if all(row[column] in written for column in file_columns if row[column])
     }
 
 
@@ -282,11 +340,12 @@ def _object_array(items: list[np.ndarray]) -> np.ndarray:
 
 
 class ManifestWriter:
-    """Buffers manifest rows on the driver and persists them as parquet parts of one run."""
+    """Buffers manifest rows of one job's schema on the driver and persists them as parquet parts of one run."""
 
-    def __init__(self, output: str, run_id: str) -> None:
+    def __init__(self, output: str, run_id: str, schema: pa.Schema) -> None:
         self.folder = storage.join(output, MANIFEST_DIR)
         self.run_id = run_id
+        self.schema = schema
         self.buffer: list[dict[str, Any]] = []
         self.parts = 0
         self.counts: Counter[str] = Counter()
@@ -300,7 +359,7 @@ class ManifestWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        table = pa.Table.from_pylist(self.buffer, schema=MANIFEST_SCHEMA)
+        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         name = f"{self.run_id}-{self.parts:05d}.parquet"
@@ -334,19 +393,20 @@ class Summary:
         return f"{counts} processed={self.processed} in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s)"
 
 
-def build_dataset(plan: Plan) -> Any:
-    """The lazy Ray Dataset of manifest rows for the photos to do."""
+def masked_photos(plan: Plan, rows_per_block: int) -> Any:
+    """The lazy Ray Dataset of the photos to do, decoded and masked (see FurnitureMasker's columns).
+
+    ``rows_per_block`` is the batch size of the job's slowest stage: blocks that small keep every
+    stage streaming, and the cap bounds the objects the driver creates for a catalogue of millions.
+    """
     import ray
 
-    from casalimpia.inpainting import Inpainter
     from casalimpia.masking import FurnitureMasker
 
     config = plan.config
     resources = config.ray
     items = [{"source": source} for source in plan.todo]
-    # Small blocks keep every stage streaming (one per batch of the slowest stage); the cap bounds
-    # the number of objects the driver creates for a catalogue of millions.
-    blocks = max(1, min(-(-len(items) // config.inpaint.batch_size), MAX_INPUT_BLOCKS))
+    blocks = max(1, min(-(-len(items) // rows_per_block), MAX_INPUT_BLOCKS))
     dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(
         read_and_decode,
@@ -358,7 +418,7 @@ def build_dataset(plan: Plan) -> Any:
         batch_size=config.masking.batch_size,
         num_cpus=resources.io_cpus,
     )
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         FurnitureMasker,
         fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
         compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
@@ -366,6 +426,17 @@ def build_dataset(plan: Plan) -> Any:
         num_cpus=resources.masking_cpus,
         num_gpus=resources.masking_gpus,
     )
+
+
+def build_dataset(plan: Plan) -> Any:
+    """The lazy Ray Dataset of manifest rows for the photos to do."""
+    import ray
+
+    from casalimpia.inpainting import Inpainter
+
+    config = plan.config
+    resources = config.ray
+    dataset = masked_photos(plan, rows_per_block=config.inpaint.batch_size)
     dataset = dataset.map_batches(
         Inpainter,
         fn_constructor_kwargs={"config": config.inpaint, "dtype": resources.dtype},
@@ -393,23 +464,33 @@ def execute(plan: Plan) -> Summary:
     from casalimpia.report import write_report
 
     config = plan.config
-    storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     if TINY in (config.masking.model, config.inpaint.model):
         log.warning("the tiny preset is in use: random weights, the outputs are noise (for tests and demos)")
-    manifest = ManifestWriter(config.output, plan.run_id)
+    summary = run_plan(plan, build_dataset, MANIFEST_SCHEMA)
+    write_report(config, read_manifest(config.output), summary)
+    return summary
+
+
+def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Summary:
+    """Save the resolved config, stream the rows of ``build(plan)`` into the manifest, and summarise.
+
+    The settled rows go in first and every streamed row is persisted as it arrives, so an
+    interrupted run resumes from what was written; the dataset is only built when there is work.
+    """
+    config = plan.config
+    storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
+    manifest = ManifestWriter(config.output, plan.run_id, schema)
     manifest.add(plan.settled)
     start = time.perf_counter()
     processed = 0
     if plan.todo:
-        for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in build(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = batch.to_pylist()
             processed += len(rows)
             manifest.add(rows)
     seconds = time.perf_counter() - start
     manifest.finish()
-    summary = Summary(dict(manifest.counts), processed, seconds, config.output)
-    write_report(config, read_manifest(config.output), summary)
-    return summary
+    return Summary(dict(manifest.counts), processed, seconds, config.output)
 
 
 def connect(address: str | None) -> None:

@@ -3,10 +3,20 @@
 import numpy as np
 import pytest
 
-from casalimpia.classes import ADE20K_CLASSES, BUILTIN, MOVABLE, STRUCTURE, removal_classes
+from casalimpia.classes import (
+    ADE20K_CLASSES,
+    BUILTIN,
+    CLASS_SEPARATOR,
+    MOVABLE,
+    STRUCTURE,
+    join_class_names,
+    removal_classes,
+    split_class_names,
+)
 from casalimpia.config import MaskingConfig
 from casalimpia.images import encode_mask
 from casalimpia.masking import FurnitureMasker, mask_candidates, refine_mask
+from casalimpia.synthetic import render_room
 
 
 def test_design_ids_match_the_label_table():
@@ -33,6 +43,12 @@ def test_policy_presets_remove_and_keep():
     chosen = removal_classes("movable", ["Curtain "], ["lamp"])
     assert "curtain" in chosen and "lamp" not in chosen and "sofa" in chosen
     assert not set(removal_classes("movable+builtin", [], [])) & set(STRUCTURE)
+
+
+def test_class_names_round_trip_through_one_string():
+    assert not [name for name in ADE20K_CLASSES if CLASS_SEPARATOR in name]
+    for names in ([], ["sofa"], ["chest of drawers", "television receiver"]):
+        assert split_class_names(join_class_names(names)) == names
 
 
 def test_refine_drops_specks_fills_holes_and_grows():
@@ -71,6 +87,7 @@ def test_masker_tiny_masks_every_photo_at_its_own_size():
     assert out["error"][2] == "decode failed" and out["mask"][2].size == 0
     assert np.isclose(out["mask_fraction"][0], out["mask"][0].mean())
     assert out["seconds_mask"][2] == 0.0
+    assert out["classes"][2] == ""
     # Deterministic: the tiny preset is seeded.
     again = FurnitureMasker(MaskingConfig(model="tiny", resolution=64, preset="movable+builtin"))(_batch(images[:2]))
     assert np.array_equal(again["mask"][1], out["mask"][1])
@@ -85,3 +102,18 @@ def test_masker_reads_user_masks(tmp_path):
     assert np.array_equal(out["mask"][0], expected)
     assert out["mask_fraction"][0] == pytest.approx(expected.mean())
     assert out["error"][1].startswith("no mask for room-1.png")
+    assert list(out["classes"]) == ["", ""]
+
+
+def test_masker_names_the_removal_classes_in_each_label_map():
+    masker = FurnitureMasker(MaskingConfig(model="tiny", resolution=64, preset="movable+builtin"))
+    # The random tiny model labels each of these photos with a single class: the grey one with a
+    # removal class, the synthetic room with one that is kept.
+    images = [np.full((90, 120, 3), 128, np.uint8), render_room(0, 256, 192).furnished]
+    out = masker(_batch(images))
+    removable = set(removal_classes("movable+builtin", [], []))
+    for i, labels in enumerate(masker.label_maps(images)):
+        present = sorted({ADE20K_CLASSES[label] for label in np.unique(labels)} & removable)
+        assert split_class_names(out["classes"][i]) == present
+        assert out["mask"][i].any() == bool(present)
+    assert out["classes"][0] and not out["classes"][1]
