@@ -14,6 +14,16 @@ formats, sizes, EXIF orientations and folder layouts of a real listing export.
 The bundled demo set in ``casalimpia/data/demo_rooms`` was made with::
 
     python -m casalimpia.synthetic casalimpia/data/demo_rooms --count 8
+
+:func:`write_room_pairs` writes rooms with their empty twins and exact masks; the bundled
+training demo data (``casalimpia/data/empty_rooms`` and ``casalimpia/data/mask_library``) was
+made with::
+
+    python -m casalimpia.synthetic /tmp/rooms --pairs --count 12 --seed 100
+    cp /tmp/rooms/empty/* casalimpia/data/empty_rooms/
+    python -m casalimpia.synthetic /tmp/furnished --pairs --count 8 --seed 200
+    python jobs/masks.py --config configs/masks_demo.yaml --input /tmp/furnished/furnished \\
+        --output casalimpia/data/mask_library --set masking.masks=/tmp/furnished/masks --set ring=4
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["SyntheticRoom", "main", "render_room", "write_demo_rooms"]
+__all__ = ["SyntheticRoom", "main", "render_room", "write_demo_rooms", "write_room_pairs"]
 
 Colour = tuple[float, float, float]
 Point3 = tuple[float, float, float]
@@ -1144,15 +1154,43 @@ def write_demo_rooms(folder: str | Path, count: int = 8, seed: int = 0) -> list[
     return paths
 
 
+def write_room_pairs(folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> list[str]:
+    """Write rooms with their ground truth: ``furnished/``, ``empty/`` and ``masks/`` under folder.
+
+    Room ``i`` (seed ``seed + i``) is ``room_{i:03d}.png`` in ``furnished/`` and ``empty/``; its
+    exact furniture mask is ``masks/room_{i:03d}.png.png``, where the mask library job
+    (``masking.masks``) looks for it. Returns the room file names.
+    """
+    root = Path(folder)
+    names = []
+    for i in range(count):
+        room = render_room(seed + i, *size)
+        name = f"room_{i:03d}.png"
+        for kind, pixels in (("furnished", room.furnished), ("empty", room.empty)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / kind / name, optimize=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(room.mask.astype(np.uint8) * 255).save(root / "masks" / f"{name}.png", optimize=True)
+        names.append(name)
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S]``."""
+    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S] [--pairs]``."""
     parser = argparse.ArgumentParser(
         prog="python -m casalimpia.synthetic", description="Write synthetic furnished room photos."
     )
     parser.add_argument("folder", type=Path, help="output folder (created if missing)")
     parser.add_argument("--count", type=int, default=8, help="number of images (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    parser.add_argument(
+        "--pairs", action="store_true", help="write furnished/, empty/ and masks/ ground truth (96x72) instead"
+    )
     args = parser.parse_args(argv)
+    if args.pairs:
+        for name in write_room_pairs(args.folder, args.count, seed=args.seed):
+            print(args.folder / "furnished" / name)
+        return
     for path in write_demo_rooms(args.folder, count=args.count, seed=args.seed):
         print(path)
 

@@ -109,7 +109,10 @@ def prepare(config: TrainConfig) -> TrainPlan:
         storage.ensure_writable(config.storage)
     except storage.StorageError as error:
         raise JobError(f"storage: {error}") from None
-    rows_per_worker = math.ceil(len(train) * repeats / config.ray.workers)
+    # Ray Data splits the rows equally between workers, dropping the remainder.
+    rows_per_worker = len(train) * repeats // config.ray.workers
+    if rows_per_worker == 0:
+        raise JobError(f"ray.workers: {config.ray.workers} workers but only {len(train) * repeats} training rows")
     micro_batches = math.ceil(rows_per_worker / config.batch_size)
     steps_per_epoch = math.ceil(micro_batches / config.optim.grad_accum)
     warmup_epochs = round(config.data.shape_warmup_pct * config.epochs)

@@ -1,0 +1,116 @@
+"""Training runs on the session's Ray instance: overfitting, two workers, resume, and the LoRA in use."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from casalimpia.config import DefurnishConfig, TrainConfig, load_config
+from casalimpia.images import decode_image
+from casalimpia.inpainting import LORA_WEIGHTS
+from casalimpia.pipeline import JobError, execute, prepare
+from casalimpia.synthetic import write_room_pairs
+from casalimpia.training import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(storage: Path, *overrides: str) -> TrainConfig:
+    return load_config(
+        ROOT / "configs/train_demo.yaml",
+        [
+            f"storage={storage}",
+            f"data.rooms={ROOT / 'casalimpia/data/empty_rooms'}",
+            f"data.library={ROOT / 'casalimpia/data/mask_library'}",
+            "tracking.wandb=false",
+            *overrides,
+        ],
+        TrainConfig,
+    )
+
+
+def test_train_job_with_two_workers_then_a_restarted_run_resumes(ray_local, tmp_path):
+    command = [
+        sys.executable,
+        "jobs/train.py",
+        "--config",
+        "configs/train_demo.yaml",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "epochs=1",
+        "--set",
+        "ray.workers=2",
+        "--set",
+        "ray.cpus_per_worker=0.25",
+        "--set",
+        f"tracking.dir={tmp_path / 'wandb'}",
+    ]
+    # Its own Ray instance, as users run it; W&B offline, as without a key.
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE", "RAY_ADDRESS")}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting run" in done.stdout and "val/psnr_mask" in done.stdout and "LoRA: " in done.stdout
+    run = tmp_path / "demo"
+    assert {LORA_WEIGHTS, "config.yaml"} <= {p.name for p in (run / "lora").iterdir()}
+    assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "W&B wrote an offline run"
+    first = trainer.read_epochs(str(run))
+    steps = first[0]["step"]
+    assert [row["epoch"] for row in first] == [1] and steps >= 1
+
+    again = trainer.prepare(demo_config(tmp_path, "ray.workers=2", "ray.cpus_per_worker=0.25", "epochs=2"))
+    assert again.resuming and again.steps_per_epoch == steps
+    resumed = trainer.fit(again)
+    # Epoch 1 is not trained again: its row is the first run's, and epoch 2 continues its step count.
+    assert [(row["epoch"], row["step"]) for row in resumed.epochs] == [(1, steps), (2, 2 * steps)]
+    assert resumed.epochs[0] == first[0]
+    checkpoints = [p for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert len(checkpoints) == 2
+
+
+def test_overfitting_one_room_then_its_lora_changes_what_the_defurnishing_job_paints(ray_local, tmp_path):
+    config = demo_config(
+        tmp_path / "train", "data.overfit=true", "data.overfit_repeats=24", "data.shape_warmup_pct=0", "epochs=3"
+    )
+    plan = trainer.prepare(config)
+    assert plan.train_rooms == plan.validation_rooms and len(plan.train_rooms) == 1
+    summary = trainer.fit(plan)
+    first, last = summary.epochs[0], summary.epochs[-1]
+    print(
+        f"overfit: loss {first['train/loss']:.4f} -> {last['train/loss']:.4f}, "
+        f"psnr_mask {first['val/psnr_mask']:.3f} -> {last['val/psnr_mask']:.3f} dB"
+    )
+    assert [row["epoch"] for row in summary.epochs] == [1, 2, 3]
+    assert last["train/loss"] < 0.7 * first["train/loss"]
+    assert last["val/psnr_mask"] > first["val/psnr_mask"]
+    # The exported LoRA is the best epoch's by checkpoint_metric (train_demo keeps the best two).
+    assert summary.best_epoch == max(summary.epochs, key=lambda row: row["val/psnr_mask"])["epoch"]
+
+    write_room_pairs(tmp_path / "rooms", count=2, seed=300)
+    painted = {}
+    for name, lora in (("base", None), ("lora", summary.lora_uri)):
+        defurnish = load_config(
+            ROOT / "configs/demo.yaml",
+            [f"masking.masks={tmp_path / 'rooms/masks'}", "write.format=png"],
+            DefurnishConfig,
+            {"input": str(tmp_path / "rooms/furnished"), "output": str(tmp_path / name)},
+        )
+        defurnish = dataclasses.replace(defurnish, inpaint=dataclasses.replace(defurnish.inpaint, lora=lora))
+        assert execute(prepare(defurnish)).counts.get("ok") == 2
+        painted[name] = [
+            decode_image(path.read_bytes(), max_pixels=10**8, min_side=8)
+            for path in sorted((tmp_path / name / "images").glob("*.png"))
+        ]
+    assert len(painted["base"]) == 2
+    assert all(not np.array_equal(a, b) for a, b in zip(painted["base"], painted["lora"], strict=True))
+
+
+def test_prepare_fails_fast_with_one_line(tmp_path):
+    with pytest.raises(JobError, match=r"^data: "):
+        trainer.prepare(demo_config(tmp_path, f"data.rooms={tmp_path / 'nothing'}"))
+    with pytest.raises(JobError, match=r"^inpaint\.model: "):
+        trainer.prepare(demo_config(tmp_path, "inpaint.model=./models/missing"))
