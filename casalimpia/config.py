@@ -430,7 +430,7 @@ class TrainRayConfig:
     cpus_per_worker: float = 1.0
     """CPUs per training worker (use fractions on small machines)."""
     data_cpus: float = 1.0
-    """CPUs per pair-building task of Ray Data."""
+    """CPUs per pair-building actor of Ray Data (decodes rooms, fits masks, pastes rings)."""
     max_failures: int = 0
     """Times the workers are restarted from the latest checkpoint after a failure (-1: forever)."""
 

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = execute(plan)
     print(f"done: {summary.line()}")
     print(f"manifest: {config.output.rstrip('/')}/_manifest/  report: {config.output.rstrip('/')}/report.html")
-    return 1 if summary.counts.get("failed", 0) and not summary.counts.get("ok", 0) else 0
+    # Only a run where nothing is done, now or before, is a failure; failed photos are in the manifest.
+    done = summary.counts.get("ok", 0) + summary.counts.get("skipped", 0)
+    return 1 if summary.counts.get("failed", 0) and not done else 0
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ def test_lpips_loads_a_cached_backbone_without_network(torch_home):
     assert all(torch.equal(loaded[name], features[name]) for name in features)
 
 
-def test_lpips_without_a_cached_backbone_is_seeded_and_warns_once(torch_home, caplog):
+def test_lpips_without_a_cached_backbone_is_seeded_and_warns_once(torch_home, caplog, monkeypatch):
+    # configure_logging() (run by the Ray fixtures) stops casalimpia's records reaching caplog's root handler.
+    monkeypatch.setattr(logging.getLogger("casalimpia"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="casalimpia.metrics"):
         first = LPIPS()
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
