@@ -225,7 +225,7 @@ class LoraTrainer:
         """Step on a partial accumulation window left at the end of an epoch."""
         if self._micro % self.config.optim.grad_accum == 0:
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             # The window's micro-batches all ran under no_sync: average their gradients by hand.
             for parameter in self.parameters:
                 if parameter.grad is not None:
