@@ -201,6 +201,18 @@ class RayConfig:
 
 
 @dataclass
+class QaConfig:
+    """Quality gate: re-segment each output and flag photos where furniture remains."""
+
+    max_residual: float | None = None
+    """Flag a photo for review when more than this fraction of its mask is still furniture; unset: no gate."""
+
+    def __post_init__(self) -> None:
+        ok = self.max_residual is None or 0 <= self.max_residual < 1
+        _check(ok, "qa.max_residual", "must be in [0, 1) or unset")
+
+
+@dataclass
 class DefurnishConfig:
     """The bulk de-furnishing job."""
 
@@ -222,6 +234,8 @@ class DefurnishConfig:
     """Inpainting."""
     write: WriteConfig = field(default_factory=WriteConfig)
     """Output files."""
+    qa: QaConfig = field(default_factory=QaConfig)
+    """Quality gate (runs on the masking actors' model; photos already done keep their status)."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster resources."""
 
@@ -496,6 +510,230 @@ class TrainConfig:
         _check(self.inpaint.lora is None, "inpaint.lora", "must be unset: training makes the LoRA")
 
 
+EVALUATION_METHODS = ("diffusion", "telea", "navier-stokes")
+ROOM_SUBSETS = ("test", "validation", "train", "all")
+
+
+@dataclass
+class EvalDataConfig:
+    """What is evaluated: held-out empty rooms with fixed synthetic masks, and synthetic rooms with exact truth."""
+
+    rooms: str | None = None
+    """URI of empty-room photos; the subset below is taken with the training job's hash split."""
+    subset: str = "test"
+    """Rooms evaluated: 'test' (held out from training and validation), 'validation', 'train' or 'all'."""
+    split: list[float] = field(default_factory=lambda: list(DEFAULT_SPLIT))
+    """Train, validation and test fractions; must equal the training run's data.split to stay held out."""
+    library: str = ""
+    """URI of a mask library for the rooms' masks (furniture silhouettes); empty uses random shapes."""
+    pairs: str | None = None
+    """URI of synthetic furnished/empty room pairs with exact masks (python -m casalimpia.synthetic --pairs)."""
+    resolution: int = 512
+    """Side of the square crop of each room that is evaluated (a multiple of 8)."""
+    min_mask_fraction: float = 0.01
+    """Library masks covering less of their photo than this are not used."""
+    max_mask_fraction: float = 0.7
+    """Library masks covering more of their photo than this are not used."""
+    limit: int | None = None
+    """Evaluate at most this many rooms and this many pairs; unset evaluates all."""
+    seed: int = 0
+    """Seed of the rooms' fixed masks: the same seed gives every set-up the same holes."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.rooms or self.pairs), "data.rooms", "set data.rooms (or --input), data.pairs, or both")
+        _check(self.subset in ROOM_SUBSETS, "data.subset", f"must be one of {list(ROOM_SUBSETS)}")
+        self.pair_config()  # validates split, resolution and mask fractions under the training keys' names
+
+    def pair_config(self) -> TrainDataConfig:
+        """The training data settings that make the same fixed-mask pairs as training validation does."""
+        return TrainDataConfig(
+            rooms=self.rooms or "-",
+            library=self.library,
+            split=self.split,
+            resolution=self.resolution,
+            min_mask_fraction=self.min_mask_fraction,
+            max_mask_fraction=self.max_mask_fraction,
+            ring_probability=0.0,
+            flip=False,
+            shape_warmup_pct=0.0 if self.library else 1.0,
+            decode=self.decode,
+        )
+
+
+@dataclass
+class SetupConfig:
+    """One inpainting set-up compared by the evaluation job."""
+
+    method: str = "diffusion"
+    """'diffusion' paints with the inpainting model; 'telea' and 'navier-stokes' are OpenCV's classical methods."""
+    inpaint: dict[str, Any] = field(default_factory=dict)
+    """Changes to the shared inpaint section for this set-up (e.g. lora, model, guidance_scale)."""
+    radius: int = 5
+    """Neighbourhood radius in pixels of the OpenCV methods."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in EVALUATION_METHODS, "setups.method", f"must be one of {list(EVALUATION_METHODS)}")
+        _check(self.radius >= 1, "setups.radius", "must be at least 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluation job: inpainting set-ups side by side on rooms with known empty ground truth."""
+
+    output: str = ""
+    """URI the scores, summary, report and resolved config are written under."""
+    price_per_hour: float = 2.0
+    """Price of one accelerator-hour (of one CPU node without one), for the cost per 1,000 images."""
+    report_examples: int = 6
+    """Examples shown side by side for every set-up in report.html."""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Evaluation examples."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    """Inpainting settings shared by the diffusion set-ups."""
+    setups: dict[str, SetupConfig] = field(default_factory=lambda: {"base": SetupConfig()})
+    """Set-ups compared, by name; each diffusion set-up is the inpaint section with its own changes."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Segmentation that measures the furniture left in (or painted into) each output."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster resources: masking_* sizes the segmentation pool, inpainting_* the painting pool."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output), "output", "is required (in the config or with --output)")
+        for source in (self.data.rooms, self.data.pairs):
+            if source:
+                _check_job_uris(source, self.output)
+        _check(self.price_per_hour >= 0, "price_per_hour", "must be non-negative")
+        _check(self.report_examples >= 0, "report_examples", "must be non-negative")
+        _check(bool(self.setups), "setups", "must name at least one set-up")
+        for name, setup in self.setups.items():
+            plain = bool(name) and all(c.isalnum() or c in "-_." for c in name) and name not in (".", "..")
+            _check(plain, f"setups.{name}", "set-up names use letters, digits, '-', '_' and '.' only")
+            if setup.method == "diffusion":
+                self.setup_inpaint(name)
+            else:
+                _check(not setup.inpaint, f"setups.{name}.inpaint", f"has no meaning for method {setup.method!r}")
+
+    def setup_inpaint(self, name: str) -> InpaintConfig:
+        """The inpaint settings of one diffusion set-up: the shared section with the set-up's changes."""
+        merged = {**to_dict(self.inpaint), **self.setups[name].inpaint}
+        try:
+            return build(InpaintConfig, merged, prefix=f"setups.{name}.inpaint.")
+        except ConfigError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith("setups.") else f"setups.{name}.{message}") from None
+
+
+SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+SCHEDULERS_TUNE = ("asha", "fifo")
+
+
+@dataclass
+class TuneConfig:
+    """A hyperparameter sweep: many training runs sampled from a search space, weak ones stopped early.
+
+    The sweep lives in ``<train.storage>/<name>/``: Ray Tune's state, every trial's training run
+    under ``runs/<trial id>/`` (with its exported LoRA), ``results.parquet`` and ``best_train.yaml``.
+    """
+
+    name: str = "casalimpia-sweep"
+    """Sweep name; starting a sweep with the same name and storage resumes it."""
+    samples: int = 16
+    """Trials drawn from the space; with grid keys, every grid combination is drawn this many times."""
+    metric: str = "val/psnr_mask"
+    """Reported metric the trials are compared on (per epoch) and the best trial is chosen by."""
+    mode: str = "max"
+    """Whether a higher ('max') or lower ('min') metric is better."""
+    scheduler: str = "asha"
+    """'asha' stops weak trials early at epoch milestones; 'fifo' runs every trial to the end."""
+    grace_period: int = 1
+    """Epochs every trial trains before ASHA may stop it."""
+    reduction_factor: float = 3.0
+    """ASHA keeps training the best 1/reduction_factor of the trials at each milestone."""
+    max_concurrent_trials: int | None = None
+    """Trials running at once; unset: as many as the cluster's GPUs (or CPUs, on a CPU sweep) hold."""
+    seed: int | None = 0
+    """Seed of the draws from the search space; unset draws differently every sweep."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space shaped like the training config; each searched key holds one of
+    {loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training config every trial starts from; train.storage holds the sweep, train.name is per trial."""
+
+    def __post_init__(self) -> None:
+        plain = bool(self.name) and "/" not in self.name and self.name not in (".", "..")
+        _check(plain, "name", "must be a plain name (no '/')")
+        _check(self.samples >= 1, "samples", "must be at least 1")
+        _check(self.mode in ("max", "min"), "mode", "must be max or min")
+        _check(self.scheduler in SCHEDULERS_TUNE, "scheduler", f"must be one of {list(SCHEDULERS_TUNE)}")
+        _check(1 <= self.grace_period <= self.train.epochs, "grace_period", "must be in [1, train.epochs]")
+        _check(self.reduction_factor > 1, "reduction_factor", "must be above 1")
+        _check(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            "max_concurrent_trials",
+            "must be at least 1 or unset",
+        )
+        _check(bool(self.space), "space", "must name at least one training key to search")
+        for key, spec in self.search_space().items():
+            _check_search_key(key, spec, self.train)
+
+    def search_space(self) -> dict[str, dict[str, Any]]:
+        """The space flattened to dotted training keys, each with its {kind: values} spec."""
+        flat: dict[str, dict[str, Any]] = {}
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict) and len(node) == 1 and next(iter(node)) in SEARCH_KINDS:
+                kind, values = next(iter(node.items()))
+                if kind in ("loguniform", "uniform", "randint") and isinstance(values, list):
+                    values = [_yaml_number(value) for value in values]
+                flat[path] = {kind: values}
+            elif isinstance(node, dict) and node:
+                for key, child in node.items():
+                    walk(child, f"{path}.{key}" if path else str(key))
+            else:
+                raise ConfigError(
+                    f"space.{path}: expected {{{'|'.join(SEARCH_KINDS)}: ...}} or a section of them, got {node!r}"
+                )
+
+        walk(self.space, "")
+        return flat
+
+    def config_hash(self) -> str:
+        """Short hash of what decides the trials; a resumed sweep must have the same."""
+        return _hash_sections(
+            self,
+            ("samples", "metric", "mode", "scheduler", "grace_period", "reduction_factor", "seed", "space", "train"),
+        )
+
+
+def _check_search_key(key: str, spec: dict[str, Any], train: TrainConfig) -> None:
+    """One search dimension is well formed and every value it can take makes a valid training config."""
+    where = f"space.{key}"
+    _check(key not in ("name", "storage"), where, "is set by the sweep for every trial")
+    kind, values = next(iter(spec.items()))
+    _check(isinstance(values, list) and len(values) >= 1, where, f"{kind} takes a list")
+    if kind in ("loguniform", "uniform", "randint"):
+        numeric = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        _check(numeric and values[0] < values[1], where, f"{kind} takes [low, high] with low < high")
+        _check(kind != "loguniform" or values[0] > 0, where, "loguniform needs a positive low")
+        _check(kind != "randint" or all(isinstance(v, int) for v in values), where, "randint takes integers")
+        values = [values[0], values[1] - 1] if kind == "randint" else values
+    base = to_dict(train)
+    node: Any = base
+    for part in key.split("."):
+        _check(isinstance(node, dict) and part in node, where, "is not a key of the training config")
+        node = node[part]
+    _check(not isinstance(node, dict), where, "names a section; search one of its keys")
+    for value in values:
+        data = json.loads(json.dumps(base))
+        try:
+            _set_path(data, key.split("."), value)
+            build(TrainConfig, data, prefix="train.")
+        except ConfigError as error:
+            raise ConfigError(f"{where}: value {value!r} is not valid ({error})") from None
+
+
 def _check_job_uris(source: str, target: str) -> None:
     _check(bool(source), "input", "is required (in the config or with --input)")
     _check(bool(target), "output", "is required (in the config or with --output)")
@@ -581,14 +819,32 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(name): _coerce(args[1], item, f"{key}.{name}") for name, item in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(args[0], item, key) for item in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        value = _yaml_number(value)
+    if hint is Any:
+        return value
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _yaml_number(value: Any) -> Any:
+    """'1e-4' as the float it means: YAML 1.1 reads exponents without a dot ('1e-4') as strings."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 

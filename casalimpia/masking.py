@@ -10,6 +10,7 @@ read from the user's folder instead and no model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -211,9 +212,69 @@ class FurnitureMasker:
             min_component_px=int(self.config.min_component * h * w),
             fill_holes=self.config.fill_holes,
         )
-        rows = (np.arange(shape[0]) * h // shape[0]).clip(max=h - 1)
-        cols = (np.arange(shape[1]) * w // shape[1]).clip(max=w - 1)
-        return np.ascontiguousarray(mask[rows[:, None], cols[None, :]])
+        return _upsample_nearest(mask, shape)
+
+    def furniture(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Pixels labelled as a removal class, unrefined, (H, W) bool at each photo's own size.
+
+        This is what the segmenter sees, without the growth and hole filling that make a good
+        removal mask: the measure of furniture left in (or painted into) an output.
+        """
+        return [
+            _upsample_nearest(self.removal_ids[labels], image.shape[:2])
+            for image, labels in zip(images, self.label_maps(images), strict=True)
+        ]
+
+
+class ResidualFurniture:
+    """Callable batch stage, the quality gate: adds ``residual``, the fraction of each mask still furniture.
+
+    It segments the painted ``image`` again with the masking model (also when the masks came from
+    the user) and measures, inside the row's ``mask``, the pixels labelled as a removal class.
+    Failed rows get NaN; a batch the segmenter cannot handle gets NaN for every row, which the
+    gate treats as 'review', so nothing unmeasured passes as clean.
+    """
+
+    def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
+        self.masker = FurnitureMasker(dataclasses.replace(config, masks=None), dtype)
+
+    def __call__(self, batch: Batch) -> Batch:
+        count = len(batch["source"])
+        residual = np.full(count, np.nan)
+        healthy = [i for i in range(count) if not batch["error"][i]]
+        residual[healthy] = 0.0  # an empty mask leaves nothing to check
+        painted = [i for i in healthy if batch["mask"][i].any()]
+        try:
+            found = self.masker.furniture([batch["image"][i] for i in painted])
+        except (RuntimeError, ValueError) as error:
+            log.warning("quality gate: segmenting a batch of %d failed: %s", len(painted), error)
+            residual[painted] = np.nan
+            return {**batch, "residual": residual}
+        for i, furniture in zip(painted, found, strict=True):
+            residual[i] = residual_fraction(furniture, batch["mask"][i])
+        return {**batch, "residual": residual}
+
+
+def residual_fraction(furniture: np.ndarray, region: np.ndarray, baseline: np.ndarray | None = None) -> float:
+    """Fraction of region's pixels that are furniture, not counting those the baseline calls furniture too.
+
+    With the ground-truth empty room's furniture as baseline, the segmenter's own false alarms on
+    that room cancel out and what remains is furniture the inpainting left or painted. 0 for an
+    empty region.
+    """
+    if not region.any():
+        return 0.0
+    found = furniture & region
+    if baseline is not None:
+        found &= ~baseline
+    return float(found.sum() / region.sum())
+
+
+def _upsample_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    h, w = mask.shape
+    rows = (np.arange(shape[0]) * h // shape[0]).clip(max=h - 1)
+    cols = (np.arange(shape[1]) * w // shape[1]).clip(max=w - 1)
+    return np.ascontiguousarray(mask[rows[:, None], cols[None, :]])
 
 
 def _scaled_size(shape: tuple[int, ...], short: int) -> tuple[int, int]:

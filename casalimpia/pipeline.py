@@ -53,10 +53,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("mask_fraction", pa.float64()),
         ("seconds_mask", pa.float64()),
         ("seconds_inpaint", pa.float64()),
+        ("residual", pa.float64()),
         ("config_hash", pa.string()),
     ]
 )
-DONE = ("ok", "skipped")
+DONE = ("ok", "skipped", "review")
+"""Statuses of photos whose output is written; a rerun skips them."""
 # Rows are persisted in parts of this many, so a crash loses at most one part of bookkeeping.
 ROWS_PER_PART = 1000
 MAX_INPUT_BLOCKS = 4096
@@ -97,6 +99,7 @@ def manifest_row(source: str, config_hash: str, **values: Any) -> dict[str, Any]
         "mask_fraction": 0.0,
         "seconds_mask": 0.0,
         "seconds_inpaint": 0.0,
+        "residual": None,
         "config_hash": config_hash,
     }
     row.update(values)
@@ -142,6 +145,8 @@ def prepare(config: DefurnishConfig) -> Plan:
     )
     files = list_input(config.input)
     check_masking(config.masking)
+    if config.qa.max_residual is not None and config.masking.masks is not None:
+        _check_model(config.masking.model, "masking.model (used by qa.max_residual)")
     _check_model(config.inpaint.model, "inpaint.model")
     if config.inpaint.lora is not None:
         _check_lora(config.inpaint.lora)
@@ -177,7 +182,12 @@ def plan_run(config: PhotoJobConfig, files: list[str], new_row: NewRow, file_col
         photos = photos[: config.limit]
     done = {} if config.overwrite else completed_rows(config.output, config_hash, file_columns)
     todo = [relative for relative in photos if relative not in done]
-    settled += [{**done[relative], "status": "skipped", "error": ""} for relative in photos if relative in done]
+    # A photo flagged for review stays flagged: its output is the same until someone looks at it.
+    settled += [
+        {**done[relative], **({} if done[relative]["status"] == "review" else {"status": "skipped", "error": ""})}
+        for relative in photos
+        if relative in done
+    ]
     return Plan(config, config_hash, run_id, todo, settled)
 
 
@@ -297,12 +307,24 @@ def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels:
 
 
 def encode_and_write(
-    batch: dict[str, np.ndarray], *, output_uri: str, fmt: str, quality: int, save_masks: bool, config_hash: str
+    batch: dict[str, np.ndarray],
+    *,
+    output_uri: str,
+    fmt: str,
+    quality: int,
+    save_masks: bool,
+    config_hash: str,
+    max_residual: float | None = None,
 ) -> pa.Table:
-    """CPU task: write each result (and its mask) and return the manifest rows, without pixels."""
+    """CPU task: write each result (and its mask) and return the manifest rows, without pixels.
+
+    With ``max_residual`` set, a written photo whose ``residual`` is above it (or could not be
+    measured) gets status 'review' and the reason in ``error``.
+    """
     rows = []
     for i, source in enumerate(batch["source"]):
         error = batch["error"][i]
+        residual = float(batch["residual"][i]) if "residual" in batch else None
         row = manifest_row(
             source,
             config_hash,
@@ -311,6 +333,7 @@ def encode_and_write(
             mask_fraction=float(batch["mask_fraction"][i]),
             seconds_mask=float(batch["seconds_mask"][i]),
             seconds_inpaint=float(batch["seconds_inpaint"][i]),
+            residual=None if residual is None or np.isnan(residual) else residual,
         )
         if not error:
             try:
@@ -325,12 +348,23 @@ def encode_and_write(
                     encode_image(batch["image"][i], image_format, quality=quality),
                 )
                 row["status"] = "ok"
+                if max_residual is not None:
+                    row.update(_quality_verdict(residual, max_residual))
             except (storage.StorageError, OSError, ValueError) as exc:
                 error = f"write failed: {str(exc).splitlines()[0][:200]}"
         if error:
             row.update(status="failed", error=error, output="", mask="")
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def _quality_verdict(residual: float | None, max_residual: float) -> dict[str, str]:
+    """Status and reason of a written photo under the quality gate."""
+    if residual is None or np.isnan(residual):
+        return {"status": "review", "error": "residual furniture could not be measured"}
+    if residual > max_residual:
+        return {"status": "review", "error": f"residual furniture {residual:.3f} > qa.max_residual {max_residual}"}
+    return {}
 
 
 def _object_array(items: list[np.ndarray]) -> np.ndarray:
@@ -389,7 +423,8 @@ class Summary:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        counts = " ".join(f"{status}={self.counts.get(status, 0)}" for status in ("ok", "failed", "skipped"))
+        statuses = ("ok", "review", "failed", "skipped") if self.counts.get("review") else ("ok", "failed", "skipped")
+        counts = " ".join(f"{status}={self.counts.get(status, 0)}" for status in statuses)
         return f"{counts} processed={self.processed} in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s)"
 
 
@@ -433,6 +468,7 @@ def build_dataset(plan: Plan) -> Any:
     import ray
 
     from casalimpia.inpainting import Inpainter
+    from casalimpia.masking import ResidualFurniture
 
     config = plan.config
     resources = config.ray
@@ -445,6 +481,16 @@ def build_dataset(plan: Plan) -> Any:
         num_cpus=resources.inpainting_cpus,
         num_gpus=resources.inpainting_gpus,
     )
+    if config.qa.max_residual is not None:
+        # The gate re-runs the segmenter, so its pool is sized like the masking one.
+        dataset = dataset.map_batches(
+            ResidualFurniture,
+            fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
+            compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
+            batch_size=config.masking.batch_size,
+            num_cpus=resources.masking_cpus,
+            num_gpus=resources.masking_gpus,
+        )
     return dataset.map_batches(
         encode_and_write,
         fn_kwargs={
@@ -453,6 +499,7 @@ def build_dataset(plan: Plan) -> Any:
             "quality": config.write.quality,
             "save_masks": config.write.save_masks,
             "config_hash": plan.config_hash,
+            "max_residual": config.qa.max_residual,
         },
         batch_size=config.inpaint.batch_size,
         num_cpus=resources.io_cpus,

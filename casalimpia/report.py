@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +69,10 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
     ok = [row for row in rows if row["status"] in ("ok", "skipped") and row["output"]]
     # Photos with the most furniture first: they show what the run did.
     sample = sorted(ok, key=lambda row: -row["mask_fraction"])[: config.report_samples]
+    # The most furniture left first: those need a human soonest.
+    review = sorted(
+        (row for row in rows if row["status"] == "review"), key=lambda row: -(row.get("residual") or math.inf)
+    )
     failed = [row for row in rows if row["status"] == "failed"]
     warning = ""
     if TINY in (config.masking.model, config.inpaint.model):
@@ -77,13 +82,25 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
         )
     counts = "".join(
         f"<tr><th>{status}</th><td>{sum(row['status'] == status for row in rows)}</td></tr>"
-        for status in ("ok", "failed", "skipped")
+        for status in ("ok", "review", "failed", "skipped")
     )
     sample_rows = "".join(
         f"<tr><td class='name'>{html.escape(row['source'])}<br>mask {row['mask_fraction']:.1%}</td>"
         + "".join(_sample_cells(config, row))
         + "</tr>"
         for row in sample
+    )
+    review_rows = "".join(
+        f"<tr><td class='name'>{html.escape(row['source'])}<br>{html.escape(row['error'])}</td>"
+        + "".join(_sample_cells(config, row))
+        + "</tr>"
+        for row in review[: config.report_samples]
+    )
+    review_section = (
+        f"<h2>For review ({len(review)}, {min(len(review), config.report_samples)} shown)</h2>"
+        f"<table><tr><th>photo</th><th>input</th><th>mask</th><th>output</th></tr>{review_rows}</table>"
+        if review
+        else ""
     )
     failed_rows = "".join(
         f"<tr><td class='name'>{html.escape(row['source'])}</td><td>{html.escape(row['error'])}</td></tr>"
@@ -109,6 +126,7 @@ config hash <code>{html.escape(config.config_hash())}</code></p>
 <table>{counts}<tr><th>this run</th><td>{html.escape(summary.line())}</td></tr></table>
 <h2>Sample ({len(sample)} of {len(ok)} done photos)</h2>
 <table><tr><th>photo</th><th>input</th><th>mask</th><th>output</th></tr>{sample_rows}</table>
+{review_section}
 <h2>Failed ({len(failed)})</h2>
 <table><tr><th>photo</th><th>reason</th></tr>{failed_rows}</table>{more}
 </body></html>

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casalimpia import configure_logging
 from casalimpia.config import ConfigError, DefurnishConfig, add_config_arguments, config_from_args
-from casalimpia.pipeline import JobError, connect, execute, prepare
+from casalimpia.pipeline import DONE, JobError, connect, execute, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {summary.line()}")
     print(f"manifest: {config.output.rstrip('/')}/_manifest/  report: {config.output.rstrip('/')}/report.html")
     # Only a run where nothing is done, now or before, is a failure; failed photos are in the manifest.
-    done = summary.counts.get("ok", 0) + summary.counts.get("skipped", 0)
+    done = sum(summary.counts.get(status, 0) for status in DONE)
     return 1 if summary.counts.get("failed", 0) and not done else 0
 
 

@@ -12,7 +12,7 @@ from casalimpia import storage
 from casalimpia.config import load_config
 from casalimpia.images import decode_image
 from casalimpia.pipeline import JobError, execute, prepare, read_manifest
-from casalimpia.synthetic import render_room, write_demo_rooms
+from casalimpia.synthetic import render_room, write_demo_rooms, write_room_pairs
 
 TINY = [
     "masking.model=tiny",
@@ -153,10 +153,40 @@ def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
         "mask_fraction",
         "seconds_mask",
         "seconds_inpaint",
+        "residual",
         "config_hash",
     ]
     _, summary = run_job(input_uri, output_uri)
     assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
+
+
+def test_quality_gate_flags_photos_with_furniture_left(ray_local, tmp_path):
+    """A barely repainted hole (strength 0.05) keeps its furniture; the gate re-segments it and flags it.
+
+    The tiny segmenter's fixed random weights label all of synthetic room 1 as furniture and none
+    of room 0, so with the rooms' exact masks room 1's output still has furniture in its hole.
+    """
+    write_room_pairs(tmp_path / "rooms", count=2, seed=0)
+    gate = [f"masking.masks={tmp_path / 'rooms' / 'masks'}", "qa.max_residual=0.5"]
+    barely = ["inpaint.strength=0.05", "inpaint.steps=20", "ray.inpainting_actors=1"]
+    input_uri, output_uri = str(tmp_path / "rooms" / "furnished"), str(tmp_path / "out")
+    _, summary = run_job(input_uri, output_uri, *gate, *barely)
+    assert summary.counts == {"ok": 1, "review": 1} and "ok=1 review=1" in summary.line()
+    rows = {row["source"]: row for row in read_manifest(output_uri)}
+    clean, flagged = rows["room_000.png"], rows["room_001.png"]
+    assert clean["status"] == "ok" and clean["residual"] == 0.0 and clean["error"] == ""
+    assert flagged["status"] == "review" and flagged["residual"] > 0.5
+    assert "residual furniture" in flagged["error"] and "qa.max_residual 0.5" in flagged["error"]
+    assert storage.exists(storage.join(output_uri, flagged["output"])), "a flagged photo's output is still written"
+    assert "For review (1" in (tmp_path / "out" / "report.html").read_text()
+
+    # A rerun redoes nothing and keeps the flag: the output has not changed since it was flagged.
+    _, summary = run_job(input_uri, output_uri, *gate, *barely)
+    assert summary.counts == {"skipped": 1, "review": 1}
+    assert {row["source"]: row["status"] for row in read_manifest(output_uri)} == {
+        "room_000.png": "skipped",
+        "room_001.png": "review",
+    }
 
 
 def test_bad_job_fails_before_ray_work(tmp_path):
