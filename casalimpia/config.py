@@ -573,10 +573,6 @@ class SetupConfig:
     radius: int = 5
     """Neighbourhood radius in pixels of the OpenCV methods."""
 
-    def __post_init__(self) -> None:
-        _check(self.method in EVALUATION_METHODS, "setups.method", f"must be one of {list(EVALUATION_METHODS)}")
-        _check(self.radius >= 1, "setups.radius", "must be at least 1")
-
 
 @dataclass
 class EvaluateConfig:
@@ -610,6 +606,9 @@ class EvaluateConfig:
         for name, setup in self.setups.items():
             plain = bool(name) and all(c.isalnum() or c in "-_." for c in name) and name not in (".", "..")
             _check(plain, f"setups.{name}", "set-up names use letters, digits, '-', '_' and '.' only")
+            methods = list(EVALUATION_METHODS)
+            _check(setup.method in methods, f"setups.{name}.method", f"must be one of {methods}")
+            _check(setup.radius >= 1, f"setups.{name}.radius", "must be at least 1")
             if setup.method == "diffusion":
                 self.setup_inpaint(name)
             else:
@@ -726,10 +725,8 @@ def _check_search_key(key: str, spec: dict[str, Any], train: TrainConfig) -> Non
         node = node[part]
     _check(not isinstance(node, dict), where, "names a section; search one of its keys")
     for value in values:
-        data = json.loads(json.dumps(base))
         try:
-            _set_path(data, key.split("."), value)
-            build(TrainConfig, data, prefix="train.")
+            with_values(train, {key: value})
         except ConfigError as error:
             raise ConfigError(f"{where}: value {value!r} is not valid ({error})") from None
 
@@ -836,6 +833,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def with_values(config: Any, values: dict[str, Any]) -> Any:
+    """A copy of config with dotted keys ('optim.learning_rate') set to values, validated like a loaded one."""
+    data = json.loads(json.dumps(to_dict(config)))
+    for key, value in values.items():
+        _set_path(data, key.split("."), value)
+    return build(type(config), data)
 
 
 def _yaml_number(value: Any) -> Any:

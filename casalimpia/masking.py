@@ -185,7 +185,8 @@ class FurnitureMasker:
         height, width = -(-height // 32) * 32, -(-width // 32) * 32
         pixels = torch.zeros(len(images), 3, height, width, device=device)
         for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-            tensor = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255
+            # A copy: arrays from Ray are read-only, which torch.from_numpy warns about.
+            tensor = torch.tensor(image, device=device).permute(2, 0, 1)[None].float() / 255
             resized = F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
             pixels[i, :, :h, :w] = ((resized - self.mean) / self.std)[0]
         task = self.task_inputs.expand(len(images), -1)

@@ -223,7 +223,7 @@ class LPIPS:
                         if checked is None:
                             masked[index] = whole[index]
                         else:
-                            mask = torch.from_numpy(checked[index]).to(self.device)
+                            mask = torch.tensor(checked[index], device=self.device)
                             masked[index] = maps[row][mask].mean().item()
         return whole, masked
 

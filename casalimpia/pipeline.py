@@ -140,16 +140,16 @@ def prepare(config: DefurnishConfig) -> Plan:
         output=absolute_uri(config.output),
         masking=pin_masking(config.masking),
         inpaint=dataclasses.replace(
-            config.inpaint, model=_absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
+            config.inpaint, model=absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
         ),
     )
     files = list_input(config.input)
     check_masking(config.masking)
     if config.qa.max_residual is not None and config.masking.masks is not None:
-        _check_model(config.masking.model, "masking.model (used by qa.max_residual)")
-    _check_model(config.inpaint.model, "inpaint.model")
+        check_model(config.masking.model, "masking.model (used by qa.max_residual)")
+    check_model(config.inpaint.model, "inpaint.model")
     if config.inpaint.lora is not None:
-        _check_lora(config.inpaint.lora)
+        check_lora(config.inpaint.lora)
     # The image is written last: its presence is what marks a photo done.
     return plan_run(config, files, manifest_row, file_columns=("output",))
 
@@ -205,13 +205,13 @@ def list_input(uri: str) -> list[str]:
 def pin_masking(masking: MaskingConfig) -> MaskingConfig:
     """The masking section with a local model folder and the user's masks folder made absolute."""
     masks = masking.masks
-    return dataclasses.replace(masking, model=_absolute_model(masking.model), masks=masks and absolute_uri(masks))
+    return dataclasses.replace(masking, model=absolute_model(masking.model), masks=masks and absolute_uri(masks))
 
 
 def check_masking(masking: MaskingConfig) -> None:
     """The segmentation model, or the user's masks folder, is there; raises JobError otherwise."""
     if masking.masks is None:
-        _check_model(masking.model, "masking.model")
+        check_model(masking.model, "masking.model")
         return
     try:
         storage.list_files(masking.masks)
@@ -224,12 +224,13 @@ def absolute_uri(uri: str) -> str:
     return uri if storage.is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
 
 
-def _absolute_model(reference: str) -> str:
+def absolute_model(reference: str) -> str:
     """A model reference that names an existing local folder, made absolute; hub ids as they are."""
     return os.path.abspath(reference) if os.path.isdir(reference) else reference
 
 
-def _check_model(reference: str, role: str) -> None:
+def check_model(reference: str, role: str) -> None:
+    """The model can be loaded (hub cache, folder, s3:// prefix or tiny); raises JobError naming role."""
     from casalimpia.models import ModelUnavailableError, check_available
 
     try:
@@ -238,13 +239,14 @@ def _check_model(reference: str, role: str) -> None:
         raise JobError(str(error)) from None
 
 
-def _check_lora(uri: str) -> None:
+def check_lora(uri: str, key: str = "inpaint.lora") -> None:
+    """A LoRA folder or .safetensors file is at uri; raises JobError naming the config key otherwise."""
     try:
         found = storage.exists(uri) if uri.endswith(".safetensors") else bool(storage.list_files(uri))
     except storage.StorageError as error:
-        raise JobError(f"inpaint.lora: {error}") from None
+        raise JobError(f"{key}: {error}") from None
     if not found:
-        raise JobError(f"inpaint.lora: nothing at {uri}")
+        raise JobError(f"{key}: nothing at {uri}")
 
 
 def read_manifest(output: str) -> list[dict[str, Any]]:
@@ -299,7 +301,7 @@ def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels:
         widths.append(image.shape[1])
     return {
         "source": batch["source"],
-        "image": _object_array(images),
+        "image": object_array(images),
         "error": np.array(errors, dtype=object),
         "width": np.array(widths, dtype=np.int64),
         "height": np.array(heights, dtype=np.int64),
@@ -367,7 +369,8 @@ def _quality_verdict(residual: float | None, max_residual: float) -> dict[str, s
     return {}
 
 
-def _object_array(items: list[np.ndarray]) -> np.ndarray:
+def object_array(items: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of arrays (numpy would stack same-shaped ones into one array)."""
     array = np.empty(len(items), dtype=object)
     array[:] = items
     return array

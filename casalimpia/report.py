@@ -29,7 +29,7 @@ MAX_FAILED_LISTED = 200
 MASK_TINT = np.array([255, 40, 90], dtype=np.float32)
 
 
-def _thumbnail(rgb: np.ndarray) -> str:
+def thumbnail(rgb: np.ndarray) -> str:
     image = Image.fromarray(rgb)
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     buffer = io.BytesIO()
@@ -37,7 +37,7 @@ def _thumbnail(rgb: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     tinted = rgb.astype(np.float32)
     tinted[mask] = 0.45 * tinted[mask] + 0.55 * MASK_TINT
     return tinted.astype(np.uint8)
@@ -58,10 +58,10 @@ def _sample_cells(config: DefurnishConfig, row: dict[str, Any]) -> list[str]:
             mask = decode_mask(
                 storage.read_bytes(storage.join(config.output, row["mask"])), size=(source.shape[1], source.shape[0])
             )
-            overlay = _overlay(source, mask)
+            overlay = overlay(source, mask)
     except (storage.StorageError, ImageDecodeError) as error:
         return [f'<td colspan="3">cannot show: {html.escape(str(error))}</td>']
-    return [f'<td><img src="{_thumbnail(image)}"></td>' for image in (source, overlay, output)]
+    return [f'<td><img src="{thumbnail(image)}"></td>' for image in (source, overlay, output)]
 
 
 def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: Summary) -> str:

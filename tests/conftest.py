@@ -70,7 +70,9 @@ def ray_local(s3_server):
     ray.init(
         address="local",
         num_cpus=2,
-        include_dashboard=False,
+        # Ray Train's placement-group cleaner asks the dashboard's state API whether a stopped
+        # trial's controller is gone; without it, workers of trials ASHA stops keep their CPUs.
+        include_dashboard=True,
         runtime_env={"worker_process_setup_hook": "casalimpia.configure_logging"},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ray.train import UserCallback
 from casalimpia import storage
 from casalimpia.config import TINY, TrainConfig, to_dict, to_yaml
 from casalimpia.inpainting import LORA_WEIGHTS
-from casalimpia.pipeline import JobError, absolute_uri
+from casalimpia.pipeline import JobError, absolute_model, absolute_uri, check_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def prepare(config: TrainConfig) -> TrainPlan:
     from casalimpia.training.data import load_library, overfit_rooms, split_rooms
 
     config = _absolute(config)
-    _check_model(config.inpaint.model)
+    check_model(config.inpaint.model, "inpaint.model")
     try:
         splits = split_rooms(config.data.rooms, config.data)
         load_library(config.data)
@@ -124,27 +125,15 @@ def prepare(config: TrainConfig) -> TrainPlan:
 def _absolute(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
     data = config.data
-    model = config.inpaint.model
     return dataclasses.replace(
         config,
         storage=absolute_uri(config.storage),
         data=dataclasses.replace(
             data, rooms=absolute_uri(data.rooms), library=data.library and absolute_uri(data.library)
         ),
-        inpaint=dataclasses.replace(
-            config.inpaint, model=str(Path(model).resolve()) if Path(model).is_dir() else model
-        ),
+        inpaint=dataclasses.replace(config.inpaint, model=absolute_model(config.inpaint.model)),
         tracking=dataclasses.replace(config.tracking, dir=str(Path(config.tracking.dir).resolve())),
     )
-
-
-def _check_model(reference: str) -> None:
-    from casalimpia.models import ModelUnavailableError, check_available
-
-    try:
-        check_available(reference, "inpaint.model")
-    except ModelUnavailableError as error:
-        raise JobError(str(error)) from None
 
 
 def _listing(uri: str) -> list[str]:
@@ -154,8 +143,11 @@ def _listing(uri: str) -> list[str]:
         return []
 
 
-def fit(plan: TrainPlan) -> TrainSummary:
-    """Train on the connected Ray cluster; returns the summary after exporting the best LoRA."""
+def fit(plan: TrainPlan, callbacks: Sequence[UserCallback] = ()) -> TrainSummary:
+    """Train on the connected Ray cluster; returns the summary after exporting the best LoRA.
+
+    ``callbacks`` are added to the run's own (a sweep passes Tune's, which forwards every report).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -175,12 +167,16 @@ def fit(plan: TrainPlan) -> TrainSummary:
             seed=config.seed if data.overfit else None,
             num_cpus=resources.data_cpus,
             epoch_repeats=plan.repeats,
-        ).select_columns(IMAGE_COLUMNS)
+        ).select_columns(IMAGE_COLUMNS, num_cpus=resources.data_cpus)
     }
     if plan.warmup_epochs:
         datasets["warmup"] = train_dataset(
             data, plan.train_rooms, masks="shapes", seed=None, num_cpus=resources.data_cpus, epoch_repeats=plan.repeats
-        ).select_columns(IMAGE_COLUMNS)
+        ).select_columns(IMAGE_COLUMNS, num_cpus=resources.data_cpus)
+    for dataset in datasets.values():
+        # Each epoch re-executes the datasets in the workers' data coordinator; a progress bar
+        # per epoch and operator would drown the run's log.
+        dataset.context.enable_progress_bars = False
     worker_resources = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         worker_resources["GPU"] = 1
@@ -207,7 +203,7 @@ def fit(plan: TrainPlan) -> TrainSummary:
                 checkpoint_score_order=config.checkpoint_mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-            callbacks=[EpochLog(plan.run_uri)],
+            callbacks=[EpochLog(plan.run_uri), *callbacks],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
