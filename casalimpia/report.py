@@ -30,6 +30,7 @@ MASK_TINT = np.array([255, 40, 90], dtype=np.float32)
 
 
 def thumbnail(rgb: np.ndarray) -> str:
+    """A small JPEG of rgb as a data: URI, so the page needs no other file."""
     image = Image.fromarray(rgb)
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     buffer = io.BytesIO()
@@ -38,6 +39,7 @@ def thumbnail(rgb: np.ndarray) -> str:
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """rgb with the mask's pixels tinted, to show what was removed."""
     tinted = rgb.astype(np.float32)
     tinted[mask] = 0.45 * tinted[mask] + 0.55 * MASK_TINT
     return tinted.astype(np.uint8)
@@ -53,15 +55,15 @@ def _sample_cells(config: DefurnishConfig, row: dict[str, Any]) -> list[str]:
         output = decode_image(
             storage.read_bytes(storage.join(config.output, row["output"])), max_pixels=limit, min_side=1
         )
-        overlay = source
+        tinted = source
         if row["mask"]:
             mask = decode_mask(
                 storage.read_bytes(storage.join(config.output, row["mask"])), size=(source.shape[1], source.shape[0])
             )
-            overlay = overlay(source, mask)
+            tinted = overlay(source, mask)
     except (storage.StorageError, ImageDecodeError) as error:
         return [f'<td colspan="3">cannot show: {html.escape(str(error))}</td>']
-    return [f'<td><img src="{thumbnail(image)}"></td>' for image in (source, overlay, output)]
+    return [f'<td><img src="{thumbnail(image)}"></td>' for image in (source, tinted, output)]
 
 
 def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: Summary) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import boto3
 import pytest
@@ -78,3 +81,17 @@ def ray_local(s3_server):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def load_job() -> Callable[[str], ModuleType]:
+    """Import jobs/<name>.py as a module, to run its main() in this process on the session's Ray instance."""
+
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"casalimpia_job_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,6 +1,5 @@
 """The evaluation job: its scoring pieces on constructed arrays, fail-fast checks, and a run end to end."""
 
-import importlib.util
 import math
 import re
 import shutil
@@ -143,11 +142,9 @@ def test_prepare_fails_fast_naming_the_key(tmp_path, monkeypatch):
             prepare(config(override, "data.subset=test"))
 
 
-def test_evaluation_job_with_two_setups_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
+def test_evaluation_job_with_two_setups_end_to_end(ray_local, load_job, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("evaluate")
     output = tmp_path / "evaluation"
     overrides = ["data.limit=2", "report_examples=2", "setups={base: {}, telea: {method: telea}}"]
     code = job.main(

@@ -123,17 +123,6 @@ def test_local_folder_then_rerun_skips_done_photos(ray_local, tmp_path):
     assert planned("inpaint.seed=7") == planned("overwrite=true") == len(good) + len(BAD_FILES) - 1
 
 
-def test_png_output_keeps_unmasked_pixels_exact(ray_local, tmp_path):
-    room = render_room(11, 200, 150)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "room.png").write_bytes(_png(room.furnished))
-    run_job(str(tmp_path / "in"), str(tmp_path / "out"), "write.format=png")
-    (row,) = read_manifest(str(tmp_path / "out"))
-    output = np.asarray(Image.open(tmp_path / "out" / row["output"]))
-    mask = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 0
-    assert row["status"] == "ok" and np.array_equal(output[~mask], room.furnished[~mask])
-
-
 def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
     input_uri, output_uri = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/empty/"
     good = make_catalogue(input_uri, tmp_path)
@@ -163,6 +152,8 @@ def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
 def test_quality_gate_flags_photos_with_furniture_left(ray_local, tmp_path):
     """A barely repainted hole (strength 0.05) keeps its furniture; the gate re-segments it and flags it.
 
+    The outputs are PNG like their inputs, which keeps the unmasked pixels exact.
+
     The tiny segmenter's fixed random weights label all of synthetic room 1 as furniture and none
     of room 0, so with the rooms' exact masks room 1's output still has furniture in its hole.
     """
@@ -177,7 +168,12 @@ def test_quality_gate_flags_photos_with_furniture_left(ray_local, tmp_path):
     assert clean["status"] == "ok" and clean["residual"] == 0.0 and clean["error"] == ""
     assert flagged["status"] == "review" and flagged["residual"] > 0.5
     assert "residual furniture" in flagged["error"] and "qa.max_residual 0.5" in flagged["error"]
-    assert storage.exists(storage.join(output_uri, flagged["output"])), "a flagged photo's output is still written"
+    for row in (clean, flagged):
+        # Written (flagged or not), and PNG keeps every pixel outside the mask exactly.
+        output = np.asarray(Image.open(tmp_path / "out" / row["output"]))
+        mask = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 0
+        photo = np.asarray(Image.open(tmp_path / "rooms" / "furnished" / row["source"]))
+        assert mask.any() and np.array_equal(output[~mask], photo[~mask])
     assert "For review (1" in (tmp_path / "out" / "report.html").read_text()
 
     # A rerun redoes nothing and keeps the flag: the output has not changed since it was flagged.

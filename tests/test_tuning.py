@@ -2,8 +2,7 @@
 
 import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import pytest
 import yaml
 
 from casalimpia.config import ConfigError, TrainConfig, TuneConfig, load_config, to_dict
+from casalimpia.pipeline import JobError
 from casalimpia.training import trainer
-from casalimpia.tuning import best_train_yaml, read_results, search_space, trial_config
+from casalimpia.tuning import concurrent_trials, read_results, search_space, trial_config, trial_count
 from casalimpia.tuning import prepare as prepare_sweep
-from casalimpia.tuning import run as run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three trials one after the other, in grid order. Guidance 50 makes the tiny model's validation
@@ -68,57 +67,70 @@ def test_trial_config_puts_each_trial_under_the_sweep(tmp_path):
     assert to_dict(trial.data) == to_dict(config.train.data)
 
 
-def test_sweep_stops_the_weak_trial_and_resumes_without_rerunning_finished_ones(ray_local, tmp_path):
+def test_concurrency_follows_what_one_trial_takes_of_the_cluster(ray_local, tmp_path):
+    # The session's instance has 2 CPUs and no GPU; a demo trial takes 0.5 (worker) + 0.25 (data).
+    assert concurrent_trials(sweep_config(tmp_path, "max_concurrent_trials=null")) == 2
+    assert concurrent_trials(sweep_config(tmp_path, "max_concurrent_trials=null", "train.ray.workers=3")) == 1
+    assert concurrent_trials(sweep_config(tmp_path)) == 1  # set explicitly
+    gpu = sweep_config(tmp_path, "max_concurrent_trials=null", "train.ray.use_gpu=true", "train.ray.workers=2")
+    with pytest.raises(JobError, match="a trial needs 2 GPU"):
+        concurrent_trials(gpu)
+    assert trial_count(sweep_config(tmp_path, "samples=2")) == 6  # 2 samples of a 3-value grid
+
+
+def test_sweep_stops_the_weak_trial_and_resumes_without_rerunning_finished_ones(ray_local, load_job, tmp_path, capsys):
     sweep = tmp_path / "demo-sweep"
-    command = [sys.executable, "jobs/tune.py", "--config", "configs/tune_demo.yaml", "--output", str(tmp_path)]
+    arguments = ["--config", str(ROOT / "configs/tune_demo.yaml"), "--output", str(tmp_path)]
     for item in CONSTRUCTED:
-        command += ["--set", item]
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE", "RAY_ADDRESS")}
-    # Its own Ray instance, as users run it; stopped with Ctrl-C once the first trial has ended.
-    job = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    output = []
-    try:
-        deadline = time.monotonic() + 400
-        for line in job.stdout:
-            output.append(line)
-            if "_00001 started" in line or time.monotonic() > deadline:
-                break
-        job.send_signal(signal.SIGINT)
-        output += job.stdout.readlines()
-        job.wait(timeout=120)
-    finally:
-        job.kill()
-    text = "".join(output)
-    assert "_00001 started" in text, text[-3000:]
-    assert job.returncode == 130 and "run the same command again to resume" in text, text[-3000:]
+        arguments += ["--set", item]
+    tune_job = load_job("tune")
+
+    def first_trial_done() -> bool:
+        runs = list((sweep / "runs").glob("*")) if (sweep / "runs").is_dir() else []
+        return len(runs) >= 2 and any((run / "lora" / "config.yaml").exists() for run in runs)
+
+    # Ctrl-C once the first trial has ended and the second has started, as a user would press it.
+    watcher = threading.Thread(target=_interrupt_when, args=(first_trial_done, 600), daemon=True)
+    watcher.start()
+    assert tune_job.main(arguments) == 130
+    watcher.join()
+    assert "run the same command again to resume" in capsys.readouterr().out
     (first,) = [run for run in (sweep / "runs").iterdir() if (run / "lora").is_dir()]
     finished = {path: path.stat().st_mtime_ns for path in first.rglob("*") if path.is_file()}
     assert not (sweep / "results.parquet").exists()
 
-    plan = prepare_sweep(sweep_config(tmp_path))
-    assert plan.resuming
-    summary = run_sweep(plan)
-    assert not summary.interrupted
-    print(summary.table())
-    by_guidance = {row["param:inpaint.guidance_scale"]: row for row in summary.trials}
+    assert tune_job.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "resuming sweep" in printed and "stopped early" in printed and "best trial" in printed
+    trials = read_results(str(sweep))
+    by_guidance = {row["param:inpaint.guidance_scale"]: row for row in trials}
     assert set(by_guidance) == {"1.0", "50.0", "4.0"}
     assert by_guidance["1.0"]["trial"] == first.name and by_guidance["1.0"]["status"] == "finished"
     assert by_guidance["50.0"]["status"] == "stopped early" and by_guidance["50.0"]["epochs"] == 1
     assert by_guidance["4.0"]["status"] == "finished" and by_guidance["4.0"]["epochs"] == 2
     # The trial that had finished before the interruption was not trained again.
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
-    assert [row["trial"] for row in read_results(str(sweep))] == [row["trial"] for row in summary.trials]
+    assert [row["best"] for row in trials] == sorted((row["best"] for row in trials), reverse=True)
 
-    best = summary.best
-    assert best["param:inpaint.guidance_scale"] != "50.0" and best["lora"]
+    best = trials[0]
+    assert best["param:inpaint.guidance_scale"] != "50.0" and (Path(best["lora"]) / "config.yaml").exists()
     # best_train.yaml is a training config the training job takes as it is.
-    best_config = load_config(summary.best_config_uri, cls=TrainConfig)
+    best_uri = sweep / "best_train.yaml"
+    assert best_uri.read_text().startswith(f"# Best trial {best['trial']}")
+    best_config = load_config(best_uri, cls=TrainConfig)
     assert best_config.inpaint.guidance_scale == float(best["param:inpaint.guidance_scale"])
+    assert best_config.storage == str(tmp_path)
     assert trainer.prepare(best_config).config.name == "demo-sweep-best"
-    assert yaml.safe_load(Path(summary.best_config_uri).read_text())["storage"] == str(tmp_path)
-    assert best_train_yaml(plan.config, best).startswith("# Best trial")
+
+
+def _interrupt_when(condition, timeout: float) -> None:
+    """Send this process SIGINT once condition() holds (Tune, running in the main thread, catches it)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_a_changed_config_does_not_resume_someone_elses_sweep(tmp_path):
@@ -126,5 +138,5 @@ def test_a_changed_config_does_not_resume_someone_elses_sweep(tmp_path):
     (Path(plan.sweep_uri) / "config.yaml").parent.mkdir(parents=True)
     (Path(plan.sweep_uri) / "config.yaml").write_text(yaml.safe_dump(to_dict(plan.config)))
     assert prepare_sweep(sweep_config(tmp_path)).resuming
-    with pytest.raises(Exception, match="different search or training config"):
+    with pytest.raises(JobError, match="different search or training config"):
         prepare_sweep(sweep_config(tmp_path, "train.epochs=3"))
