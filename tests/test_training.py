@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from casalimpia.config import DefurnishConfig, TrainConfig, load_config
-from casalimpia.images import decode_image
-from casalimpia.inpainting import LORA_WEIGHTS
+from casalimpia.images import decode_image, decode_mask
+from casalimpia.inpainting import LORA_WEIGHTS, Inpainter
 from casalimpia.pipeline import JobError, execute, prepare
 from casalimpia.synthetic import write_room_pairs
 from casalimpia.training import trainer
@@ -49,8 +49,8 @@ def test_train_job_with_two_workers_then_a_restarted_run_resumes(ray_local, load
     # as it does without a key (the session's workers were started without one).
     monkeypatch.chdir(ROOT)
     assert load_job("train").main(arguments) == 0
-    done = capsys.readouterr()
-    assert "starting run" in done.stdout and "val/psnr_mask" in done.stdout and "LoRA: " in done.stdout
+    done = capsys.readouterr().out
+    assert "starting run" in done and "val/psnr_mask" in done and "LoRA: " in done
     run = tmp_path / "demo"
     assert {LORA_WEIGHTS, "config.yaml"} <= {p.name for p in (run / "lora").iterdir()}
     assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "W&B wrote an offline run"
@@ -86,23 +86,28 @@ def test_overfitting_one_room_then_its_lora_changes_what_the_defurnishing_job_pa
     # The exported LoRA is the best epoch's by checkpoint_metric (train_demo keeps the best two).
     assert summary.best_epoch == max(summary.epochs, key=lambda row: row["val/psnr_mask"])["epoch"]
 
-    write_room_pairs(tmp_path / "rooms", count=2, seed=300)
-    painted = {}
-    for name, lora in (("base", None), ("lora", summary.lora_uri)):
-        defurnish = load_config(
-            ROOT / "configs/demo.yaml",
-            [f"masking.masks={tmp_path / 'rooms/masks'}", "write.format=png"],
-            DefurnishConfig,
-            {"input": str(tmp_path / "rooms/furnished"), "output": str(tmp_path / name)},
-        )
-        defurnish = dataclasses.replace(defurnish, inpaint=dataclasses.replace(defurnish.inpaint, lora=lora))
-        assert execute(prepare(defurnish)).counts.get("ok") == 2
-        painted[name] = [
-            decode_image(path.read_bytes(), max_pixels=10**8, min_side=8)
-            for path in sorted((tmp_path / name / "images").glob("*.png"))
-        ]
-    assert len(painted["base"]) == 2
-    assert all(not np.array_equal(a, b) for a, b in zip(painted["base"], painted["lora"], strict=True))
+    rooms = tmp_path / "rooms"
+    write_room_pairs(rooms, count=2, seed=300)
+    defurnish = load_config(
+        ROOT / "configs/demo.yaml",
+        [f"masking.masks={rooms / 'masks'}", "write.format=png", f"inpaint.lora={summary.lora_uri}"],
+        DefurnishConfig,
+        {"input": str(rooms / "furnished"), "output": str(tmp_path / "out")},
+    )
+    assert execute(prepare(defurnish)).counts.get("ok") == 2
+    names = sorted(path.name for path in (rooms / "furnished").iterdir())
+    painted = [
+        decode_image((tmp_path / "out/images" / name).read_bytes(), max_pixels=10**8, min_side=8) for name in names
+    ]
+    # What the job paints without the LoRA: the same stage, settings and per-photo seeds.
+    photos = [decode_image((rooms / "furnished" / name).read_bytes(), max_pixels=10**8, min_side=8) for name in names]
+    masks = [
+        decode_mask((rooms / "masks" / f"{name}.png").read_bytes(), size=photo.shape[1::-1])
+        for name, photo in zip(names, photos, strict=True)
+    ]
+    base = Inpainter(dataclasses.replace(defurnish.inpaint, lora=None)).paint(photos, masks, names)
+    assert len(painted) == 2
+    assert all(not np.array_equal(a, b) for a, b in zip(base, painted, strict=True))
 
 
 def test_prepare_fails_fast_with_one_line(tmp_path):
