@@ -101,7 +101,11 @@ class SweepSummary:
         if not self.trials:
             return "(no trials)"
         columns = ["trial", "status", "epochs", "best", *[c for c in self.trials[0] if c.startswith("param:")]]
-        cells = [[_cell(row.get(column)) for column in columns] for row in self.trials]
+        # Searched values are stored as JSON text; shown as the values they are.
+        cells = [
+            [_cell(json.loads(row[c]) if c.startswith("param:") else row.get(c)) for c in columns]
+            for row in self.trials
+        ]
         names = [column.removeprefix("param:") for column in columns]
         widths = [max(len(name), *(len(row[i]) for row in cells)) for i, name in enumerate(names)]
         lines = ["  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True))]
