@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from casalimpia import storage
 from casalimpia.config import TINY, EvaluateConfig, InpaintConfig, MaskingConfig, SetupConfig, to_yaml
@@ -52,6 +50,7 @@ from casalimpia.pipeline import (
     check_model,
     object_array,
     pin_masking,
+    segmenter_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -524,10 +523,7 @@ def build_examples(plan: EvalPlan) -> Any:
     return examples.map_batches(
         TargetFurniture,
         fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
-        compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
-        batch_size=config.masking.batch_size,
-        num_cpus=resources.masking_cpus,
-        num_gpus=resources.masking_gpus,
+        **segmenter_pool(config.masking, resources),
     )
 
 
@@ -557,10 +553,7 @@ def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: froz
     return painted.map_batches(
         Scorer,
         fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype, "previews": previews},
-        compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
-        batch_size=config.masking.batch_size,
-        num_cpus=resources.masking_cpus,
-        num_gpus=resources.masking_gpus,
+        **segmenter_pool(config.masking, resources),
     )
 
 
@@ -592,8 +585,8 @@ def evaluate(plan: EvalPlan) -> EvalSummary:
     rows = summarize(scores, config)
     summary = EvalSummary(rows, count, time.perf_counter() - start, config.output)
     shown_examples = sorted(_take(examples, shown), key=lambda row: row["source"])
-    _write_parquet(storage.join(config.output, "scores.parquet"), scores)
-    _write_parquet(storage.join(config.output, "summary.parquet"), rows)
+    storage.write_rows(storage.join(config.output, "scores.parquet"), scores)
+    storage.write_rows(storage.join(config.output, "summary.parquet"), rows)
     storage.write_bytes(storage.join(config.output, "summary.md"), (summary.table() + "\n").encode())
     page = render_report(config, summary, shown_examples, previews)
     storage.write_bytes(storage.join(config.output, "report.html"), page.encode())
@@ -655,12 +648,6 @@ def summarize(scores: list[dict[str, Any]], config: EvaluateConfig) -> list[dict
 
 def _mean(rows: list[dict[str, Any]], column: str) -> float:
     return float(np.mean([row[column] for row in rows])) if rows else math.nan
-
-
-def _write_parquet(uri: str, rows: list[dict[str, Any]]) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def format_value(column: str, value: Any) -> str:

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from casalimpia import configure_logging, storage
 from casalimpia.config import TINY, DecodeConfig, DefurnishConfig, MaskingConfig, RayConfig, to_yaml
@@ -256,11 +255,7 @@ def read_manifest(output: str) -> list[dict[str, Any]]:
         parts = [p for p in storage.list_files(folder) if p.endswith(".parquet")]
     except storage.StorageError:
         return []
-    rows: list[dict[str, Any]] = []
-    for part in sorted(parts):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(folder, part))))
-        rows += table.to_pylist()
-    return rows
+    return [row for part in sorted(parts) for row in storage.read_rows(storage.join(folder, part))]
 
 
 def completed_rows(output: str, config_hash: str, file_columns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -396,11 +391,8 @@ class ManifestWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
         name = f"{self.run_id}-{self.parts:05d}.parquet"
-        storage.write_bytes(storage.join(self.folder, name), sink.getvalue().to_pybytes())
+        storage.write_rows(storage.join(self.folder, name), self.buffer, self.schema)
         self.parts += 1
         self.buffer = []
 
@@ -431,6 +423,21 @@ class Summary:
         return f"{counts} processed={self.processed} in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s)"
 
 
+def segmenter_pool(masking: MaskingConfig, resources: RayConfig) -> dict[str, Any]:
+    """``map_batches`` arguments of an actor pool that runs the segmentation model, sized by ray.masking_*.
+
+    Masking, the quality gate and the evaluation's scorers all hold the same model, so they share one sizing.
+    """
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=resources.masking_actors),
+        "batch_size": masking.batch_size,
+        "num_cpus": resources.masking_cpus,
+        "num_gpus": resources.masking_gpus,
+    }
+
+
 def masked_photos(plan: Plan, rows_per_block: int) -> Any:
     """The lazy Ray Dataset of the photos to do, decoded and masked (see FurnitureMasker's columns).
 
@@ -459,10 +466,7 @@ def masked_photos(plan: Plan, rows_per_block: int) -> Any:
     return dataset.map_batches(
         FurnitureMasker,
         fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
-        compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
-        batch_size=config.masking.batch_size,
-        num_cpus=resources.masking_cpus,
-        num_gpus=resources.masking_gpus,
+        **segmenter_pool(config.masking, resources),
     )
 
 
@@ -489,10 +493,7 @@ def build_dataset(plan: Plan) -> Any:
         dataset = dataset.map_batches(
             ResidualFurniture,
             fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
-            compute=ray.data.ActorPoolStrategy(size=resources.masking_actors),
-            batch_size=config.masking.batch_size,
-            num_cpus=resources.masking_cpus,
-            num_gpus=resources.masking_gpus,
+            **segmenter_pool(config.masking, resources),
         )
     return dataset.map_batches(
         encode_and_write,

@@ -35,6 +35,7 @@ import botocore.exceptions
 import botocore.session
 import pyarrow
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 __all__ = [
     "StorageError",
@@ -185,6 +186,18 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     with _storage_errors("write", uri):
         _write(fs, path, data)
+
+
+def write_rows(uri: str, rows: list[dict], schema: pyarrow.Schema | None = None) -> None:
+    """Write rows (dicts of plain values) as one parquet file at uri; schema, when given, fixes the columns."""
+    sink = pyarrow.BufferOutputStream()
+    pq.write_table(pyarrow.Table.from_pylist(rows, schema=schema), sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_rows(uri: str) -> list[dict]:
+    """The rows of the parquet file at uri, as dicts."""
+    return pq.read_table(pyarrow.BufferReader(read_bytes(uri))).to_pylist()
 
 
 def exists(uri: str) -> bool:

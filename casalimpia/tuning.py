@@ -23,7 +23,6 @@ continue from their latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -31,8 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 
@@ -270,7 +267,7 @@ def run(plan: SweepPlan) -> SweepSummary:
     unfinished = [row for row in trials if row["status"] != "error" and row["epochs"] == 0]
     if unfinished or len(trials) < trial_count(config):
         return SweepSummary(plan.sweep_uri, [], None, None, seconds, interrupted=True)
-    storage.write_bytes(storage.join(plan.sweep_uri, RESULTS_FILE), _parquet(trials))
+    storage.write_rows(storage.join(plan.sweep_uri, RESULTS_FILE), trials)
     best = trials[0] if trials and _is_number(trials[0]["best"]) else None
     best_config_uri = None
     if best is not None:
@@ -323,8 +320,7 @@ def best_train_yaml(config: TuneConfig, best: dict[str, Any]) -> str:
 
 def read_results(sweep_uri: str) -> list[dict[str, Any]]:
     """The rows of a sweep's results.parquet, best first."""
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(sweep_uri, RESULTS_FILE))))
-    return table.to_pylist()
+    return storage.read_rows(storage.join(sweep_uri, RESULTS_FILE))
 
 
 def _plain(value: Any) -> str:
@@ -340,9 +336,3 @@ def _rank_key(value: Any, mode: str) -> float:
     if not _is_number(value):
         return math.inf
     return -value if mode == "max" else value
-
-
-def _parquet(rows: list[dict[str, Any]]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    return sink.getvalue().to_pybytes()
