@@ -23,6 +23,8 @@ from casalimpia.classes import PRESETS, STRUCTURE, check_class_names, normalize_
 
 TINY = "tiny"
 """Model reference that builds small random models in code: offline tests and demos."""
+MANIFEST_EVERY = 1000
+"""Manifest rows a photo job persists at a time by default."""
 
 
 class ConfigError(ValueError):
@@ -226,6 +228,8 @@ class DefurnishConfig:
     """Process at most this many photos (in listing order); unset processes all."""
     report_samples: int = 24
     """Photos shown in report.html."""
+    manifest_every: int = MANIFEST_EVERY
+    """Persist manifest rows every this many photos: a killed driver redoes at most this many on rerun."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding and input checks."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -245,6 +249,7 @@ class DefurnishConfig:
     def __post_init__(self) -> None:
         _check_job_uris(self.input, self.output)
         _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
+        _check(self.manifest_every >= 1, "manifest_every", "must be at least 1")
         _check(self.report_samples >= 0, "report_samples", "must be non-negative")
 
     def config_hash(self) -> str:
@@ -266,6 +271,8 @@ class MaskLibraryConfig:
     """Process at most this many photos (in listing order); unset processes all."""
     ring: int = 20
     """Width in pixels of the margin ring: the band of real pixels just outside the mask that is kept."""
+    manifest_every: int = MANIFEST_EVERY
+    """Persist manifest rows every this many photos: a killed driver redoes at most this many on rerun."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding and input checks."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -278,6 +285,7 @@ class MaskLibraryConfig:
     def __post_init__(self) -> None:
         _check_job_uris(self.input, self.output)
         _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
+        _check(self.manifest_every >= 1, "manifest_every", "must be at least 1")
         _check(0 <= self.ring <= 512, "ring", "must be in [0, 512] pixels")
 
     def config_hash(self) -> str:
@@ -445,7 +453,7 @@ class TrainRayConfig:
     """CPUs per training worker (use fractions on small machines)."""
     data_cpus: float = 1.0
     """CPUs per pair-building actor of Ray Data (decodes rooms, fits masks, pastes rings)."""
-    max_failures: int = 0
+    max_failures: int = 3
     """Times the workers are restarted from the latest checkpoint after a failure (-1: forever)."""
 
     def __post_init__(self) -> None:

@@ -57,10 +57,17 @@ def resolve_placement(dtype: str = "auto") -> Placement:
             chosen, why = torch.bfloat16, "bf16: supported by this GPU and safe for the VAE"
         else:
             chosen, why = torch.float16, "fp16: this accelerator has no bf16"
-        return Placement(device, chosen, f"{device} ({why})")
+        return Placement(device, chosen, f"{device}{_ray_node()} ({why})")
     chosen = torch.float32 if dtype in ("auto", "fp32") else _DTYPES[dtype]
     why = "fp32: no accelerator visible" if dtype == "auto" else f"{dtype} as configured"
-    return Placement(torch.device("cpu"), chosen, f"cpu ({why})")
+    return Placement(torch.device("cpu"), chosen, f"cpu{_ray_node()} ({why})")
+
+
+def _ray_node() -> str:
+    """' of Ray node <id>' inside a Ray worker, '' elsewhere: on a cluster the logs say where each model landed."""
+    import ray
+
+    return f" of Ray node {ray.get_runtime_context().get_node_id()[:12]}" if ray.is_initialized() else ""
 
 
 def _hub_cached(repo_id: str) -> str | None:

@@ -9,6 +9,11 @@ photos already done. ``execute`` streams the photos to do through
 and collects the small manifest rows on the driver, persisting them as it goes, so an interrupted
 run resumes from what was written. Every listed file ends as exactly one manifest row.
 
+Faults: Ray Data replaces an actor that dies (out of memory, lost node) and resubmits the batch it
+held, and reruns a task whose worker died; its defaults already retry without limit (Ray 2.60
+deprecates setting them per stage). Redoing a batch is harmless: every photo is painted with its own
+seed and every write replaces its object atomically, so a redone photo is byte for byte the same.
+
 The mask library job (``casalimpia.training.library``) shares the rest: planning (``plan_run``),
 reading and masking (``masked_photos``), the manifest (``ManifestWriter``, ``read_manifest``) and the
 driver loop (``run_plan``); each job brings its own manifest schema, checks and write task.
@@ -58,8 +63,6 @@ MANIFEST_SCHEMA = pa.schema(
 )
 DONE = ("ok", "skipped", "review")
 """Statuses of photos whose output is written; a rerun skips them."""
-# Rows are persisted in parts of this many, so a crash loses at most one part of bookkeeping.
-ROWS_PER_PART = 1000
 MAX_INPUT_BLOCKS = 4096
 
 
@@ -74,6 +77,7 @@ class PhotoJobConfig(Protocol):
     output: str
     overwrite: bool
     limit: int | None
+    manifest_every: int
     decode: DecodeConfig
     masking: MaskingConfig
     ray: RayConfig
@@ -249,13 +253,18 @@ def check_lora(uri: str, key: str = "inpaint.lora") -> None:
 
 
 def read_manifest(output: str) -> list[dict[str, Any]]:
-    """Every row of every manifest part under output (from this and earlier runs), oldest first."""
+    """One row per source: the latest of the manifest parts under output, in order of first appearance.
+
+    Parts are named by run, oldest first. A run persists every photo's row before it deletes the
+    parts of earlier runs, so a driver killed in between leaves a source in two parts: the newer wins.
+    """
     folder = storage.join(output, MANIFEST_DIR)
     try:
         parts = [p for p in storage.list_files(folder) if p.endswith(".parquet")]
     except storage.StorageError:
         return []
-    return [row for part in sorted(parts) for row in storage.read_rows(storage.join(folder, part))]
+    rows = {row["source"]: row for part in sorted(parts) for row in storage.read_rows(storage.join(folder, part))}
+    return list(rows.values())
 
 
 def completed_rows(output: str, config_hash: str, file_columns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -372,12 +381,16 @@ def object_array(items: list[np.ndarray]) -> np.ndarray:
 
 
 class ManifestWriter:
-    """Buffers manifest rows of one job's schema on the driver and persists them as parquet parts of one run."""
+    """Buffers manifest rows of one job's schema on the driver and persists them as parquet parts of one run.
 
-    def __init__(self, output: str, run_id: str, schema: pa.Schema) -> None:
+    A part is written every ``rows_per_part`` rows, so a killed driver loses at most that much bookkeeping.
+    """
+
+    def __init__(self, output: str, run_id: str, schema: pa.Schema, rows_per_part: int) -> None:
         self.folder = storage.join(output, MANIFEST_DIR)
         self.run_id = run_id
         self.schema = schema
+        self.rows_per_part = rows_per_part
         self.buffer: list[dict[str, Any]] = []
         self.parts = 0
         self.counts: Counter[str] = Counter()
@@ -385,7 +398,7 @@ class ManifestWriter:
     def add(self, rows: list[dict[str, Any]]) -> None:
         self.buffer += rows
         self.counts.update(row["status"] for row in rows)
-        if len(self.buffer) >= ROWS_PER_PART:
+        if len(self.buffer) >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> None:
@@ -474,15 +487,19 @@ def build_dataset(plan: Plan) -> Any:
     """The lazy Ray Dataset of manifest rows for the photos to do."""
     import ray
 
+    from casalimpia import faults
     from casalimpia.inpainting import Inpainter
     from casalimpia.masking import ResidualFurniture
 
     config = plan.config
     resources = config.ray
     dataset = masked_photos(plan, rows_per_block=config.inpaint.batch_size)
+    inpainter, inpainter_kwargs = faults.stage(
+        "inpainter", Inpainter, {"config": config.inpaint, "dtype": resources.dtype}
+    )
     dataset = dataset.map_batches(
-        Inpainter,
-        fn_constructor_kwargs={"config": config.inpaint, "dtype": resources.dtype},
+        inpainter,
+        fn_constructor_kwargs=inpainter_kwargs,
         compute=ray.data.ActorPoolStrategy(size=resources.inpainting_actors),
         batch_size=config.inpaint.batch_size,
         num_cpus=resources.inpainting_cpus,
@@ -530,7 +547,7 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
     """
     config = plan.config
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
-    manifest = ManifestWriter(config.output, plan.run_id, schema)
+    manifest = ManifestWriter(config.output, plan.run_id, schema, config.manifest_every)
     manifest.add(plan.settled)
     start = time.perf_counter()
     processed = 0

@@ -17,19 +17,36 @@ each process and cached there.
 Relative local paths resolve against the calling process's working
 directory; Ray workers run elsewhere, so make them absolute on the driver
 before handing them to tasks.
+
+S3 operations survive transient failures in two layers. The AWS SDK retries
+each request a few times (``AWS_MAX_ATTEMPTS``, 3 by default) with short
+backoff. On top of that, every public operation here is tried up to 8 times
+(``_S3_RETRY_ATTEMPTS``) with exponential backoff and full jitter, logging
+one warning per retry, when the error says S3 was reached but could not
+serve the request right now: throttling (503 SlowDown, 429), 500, 502, 503
+and 504 answers, a read timeout, a reset or closed connection. Everything
+else fails at once: access denied, missing bucket or key, and failures to
+connect at all (refused, unresolvable or unreachable endpoint), so a
+misconfigured endpoint still fails a job's pre-flight check within a couple
+of seconds. Local files are never retried. Every operation is safe to
+repeat: reads and listings change nothing, an S3 PUT replaces the whole
+object atomically and deleting a missing object is not an error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import posixpath
+import random
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import botocore.exceptions
 import botocore.session
@@ -51,11 +68,16 @@ __all__ = [
     "write_bytes",
 ]
 
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # The AWS "standard" retry mode default. Each extra attempt backs off longer,
 # so a larger default would make a wrong endpoint take tens of seconds to
-# report; AWS_MAX_ATTEMPTS raises it for long jobs that meet throttling.
+# report. Long jobs that meet throttling are covered by the retries of whole
+# operations (_S3_RETRY_ATTEMPTS), which a wrong endpoint never reaches.
 _DEFAULT_MAX_ATTEMPTS = 3
 
 # Environment variables that change how the S3 client is built. Their values
@@ -76,6 +98,37 @@ _S3_SETTINGS_ENV = (
 # Values that must never appear in an error message, even if some layer
 # below were to echo them.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+# How many times an S3 operation is tried in all before a transient error is
+# reported; each try is itself up to AWS_MAX_ATTEMPTS requests. Deliberately
+# not an environment variable: AWS_MAX_ATTEMPTS already tunes the SDK layer,
+# and a second knob would only make the product of the two harder to reason
+# about. Eight tries with the backoff below keep retrying for up to ~23 s
+# (~11 s on average), long enough for S3 to absorb a burst of SlowDowns,
+# while an outage still fails each photo in well under a minute.
+_S3_RETRY_ATTEMPTS = 8
+
+# Full-jitter exponential backoff between tries: the n-th wait is uniform in
+# [0, min(cap, base * 2**(n-1))], so thousands of workers throttled at the
+# same moment spread their retries out instead of returning in lockstep.
+# Tests shrink these to keep an always-failing endpoint fast.
+_RETRY_BASE_SECONDS = 0.2
+_RETRY_CAP_SECONDS = 10.0
+
+# pyarrow reports S3 failures as OSError with the SDK's error name and, when
+# S3 sent no parsable error code (always for HEAD, which has no body), the
+# HTTP status. These mean that S3 was reached and may well succeed shortly.
+_TRANSIENT_S3_ERROR = re.compile(
+    r"\bAWS Error (?:SLOW_DOWN|THROTTLING|INTERNAL_FAILURE|SERVICE_UNAVAILABLE|REQUEST_TIMEOUT)\b"
+    r"|\bHTTP (?:status|response code:?) (?:429|500|502|503|504)\b"
+    # curl: 18 body cut short, 52 empty reply, 55 send failed, 56 receive
+    # failed (connection reset), 28 only as a read timeout. A connect or
+    # resolve timeout is also code 28, but like a refused connection (7) or an
+    # unknown host (6) it usually means a wrong endpoint, which must not wait
+    # through backoff to be reported.
+    r"|\bcurlCode: (?:18|52|55|56)\b"
+    r"|\bcurlCode: 28\b.*\bOperation (?:too slow|timed out)\b"
+)
 
 # Large enough that a multi-gigabyte weights file needs few ranged GETs,
 # small enough that several concurrent copies fit comfortably in memory.
@@ -155,11 +208,14 @@ def list_files(uri: str) -> list[str]:
     cannot be reached.
     """
     fs, base = filesystem(uri)
-    with _storage_errors("list", uri):
+
+    def listing() -> list[pafs.FileInfo]:
         try:
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            return fs.get_file_info(pafs.FileSelector(base, recursive=True))
         except (FileNotFoundError, NotADirectoryError):
             raise StorageError(f"cannot list {uri}: not an existing folder or prefix") from None
+
+    infos = _run("list", uri, fs, listing)
     # On S3 the listing also holds directories inferred from key names and
     # empty "dir/" marker objects; only real files are wanted.
     prefix = base.rstrip("/") + "/"
@@ -170,10 +226,14 @@ def list_files(uri: str) -> list[str]:
 def read_bytes(uri: str) -> bytes:
     """Return the whole content of the file at ``uri``."""
     fs, path = filesystem(uri)
-    # compression=None: the default would transparently decompress anything
-    # named *.gz, *.bz2, ...
-    with _storage_errors("read", uri), fs.open_input_stream(path, compression=None) as stream:
-        return stream.read()
+
+    def read() -> bytes:
+        # compression=None: the default would transparently decompress
+        # anything named *.gz, *.bz2, ...
+        with fs.open_input_stream(path, compression=None) as stream:
+            return stream.read()
+
+    return _run("read", uri, fs, read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -184,8 +244,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     fsynced and then renamed over the target, and S3 puts are atomic.
     """
     fs, path = filesystem(uri)
-    with _storage_errors("write", uri):
-        _write(fs, path, data)
+    _run("write", uri, fs, lambda: _write(fs, path, data))
 
 
 def write_rows(uri: str, rows: list[dict], schema: pyarrow.Schema | None = None) -> None:
@@ -203,15 +262,13 @@ def read_rows(uri: str) -> list[dict]:
 def exists(uri: str) -> bool:
     """Whether a file or folder (on S3: an object, or a prefix with keys under it) exists at ``uri``."""
     fs, path = filesystem(uri)
-    with _storage_errors("check", uri):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _run("check", uri, fs, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def delete(uri: str) -> None:
     """Delete the file at ``uri``; a missing file is not an error."""
     fs, path = filesystem(uri)
-    with _storage_errors("delete", uri):
-        _delete(fs, path)
+    _run("delete", uri, fs, lambda: _delete(fs, path))
 
 
 def ensure_writable(uri: str) -> None:
@@ -226,9 +283,10 @@ def ensure_writable(uri: str) -> None:
     # The leading underscore keeps a probe orphaned by a crash out of
     # list_files; the random part keeps concurrent workers apart.
     probe = posixpath.join(path, f"_casalimpia-write-probe-{uuid.uuid4().hex}")
-    with _storage_errors("write to", uri):
-        _write(fs, probe, b"")
-        _delete(fs, probe)
+    # Retried separately, so a transient failure of the delete does not put
+    # the probe again.
+    _run("write to", uri, fs, lambda: _write(fs, probe, b""))
+    _run("write to", uri, fs, lambda: _delete(fs, probe))
 
 
 def copy_tree(src_uri: str, dst_dir: str) -> None:
@@ -243,15 +301,18 @@ def copy_tree(src_uri: str, dst_dir: str) -> None:
     if dst_fs is not _LOCAL:
         raise StorageError(f"cannot copy into {dst_dir}: destination must be a local folder")
     src_fs, src_root = filesystem(src_uri)
-    for relative in list_files(src_uri):
-        with (
-            _storage_errors("copy", join(src_uri, relative)),
-            src_fs.open_input_stream(posixpath.join(src_root, relative), compression=None) as stream,
-        ):
+
+    def copy(relative: str) -> None:
+        # A retry starts the file over: a failed try's temp file is already
+        # gone, and the target is only ever replaced by a complete copy.
+        with src_fs.open_input_stream(posixpath.join(src_root, relative), compression=None) as stream:
             _atomic_local_write(
                 os.path.join(dst_root, *relative.split("/")),
                 lambda out: shutil.copyfileobj(stream, out, _COPY_CHUNK_BYTES),
             )
+
+    for relative in list_files(src_uri):
+        _run("copy", join(src_uri, relative), src_fs, functools.partial(copy, relative))
 
 
 @functools.cache
@@ -319,6 +380,39 @@ def _is_skipped(relative: str) -> bool:
     # copy_tree destination. Empty parts come from S3 keys such as "a//b",
     # which pyarrow refuses to open ("Empty path component").
     return any(not part or part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _run(action: str, uri: str, fs: pafs.FileSystem, operation: Callable[[], _T]) -> _T:
+    """Run ``operation`` (which does the ``action`` on ``uri``) with S3 retries, raising StorageError on failure."""
+    with _storage_errors(action, uri):
+        if fs is _LOCAL:
+            # A local error (disk full, permissions, missing file) does not go
+            # away by itself; retrying would only delay the report.
+            return operation()
+        for attempt in range(1, _S3_RETRY_ATTEMPTS):
+            try:
+                return operation()
+            except OSError as exc:
+                if not _is_transient(exc):
+                    raise
+                delay = random.uniform(0, min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1)))
+                log.warning(
+                    "cannot %s %s (attempt %d of %d), retrying in %.2f s: %s",
+                    action,
+                    uri,
+                    attempt,
+                    _S3_RETRY_ATTEMPTS,
+                    delay,
+                    _reason(exc),
+                )
+                time.sleep(delay)
+        return operation()
+
+
+def _is_transient(exc: OSError) -> bool:
+    # Matched on the message because pyarrow raises a plain OSError for every
+    # S3 failure except a missing key; see _TRANSIENT_S3_ERROR.
+    return _TRANSIENT_S3_ERROR.search(" ".join(str(exc).split())) is not None
 
 
 @contextlib.contextmanager

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
+import time
 
 import boto3
 import pytest
@@ -55,6 +57,27 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def retry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """caplog, seeing storage's warnings even after configure_logging stopped casalimpia's propagation."""
+    monkeypatch.setattr(logging.getLogger("casalimpia"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="casalimpia.storage")
+    return caplog
+
+
+def retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "casalimpia.storage" and "retrying" in r.getMessage()]
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Millisecond backoff, and one SDK attempt per try so that every injected failure reaches storage's retries."""
+    monkeypatch.setattr(storage, "_RETRY_BASE_SECONDS", 0.001)
+    monkeypatch.setattr(storage, "_RETRY_CAP_SECONDS", 0.005)
+    # A new AWS_MAX_ATTEMPTS is a new client cache key, so the session's client is not reused.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 
 
 @pytest.mark.parametrize(
@@ -237,9 +260,11 @@ def test_read_missing_file(root: str) -> None:
     assert_clean(error, uri)
 
 
-def test_unreachable_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Connection refused fails at once; a single attempt skips the retry
-    # backoff. The new endpoint alone yields a fresh client, no cache reset.
+def test_unreachable_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch, retry_log) -> None:
+    # Connection refused fails at once; a single attempt skips the SDK's
+    # retry backoff, and storage's own retries never start, so a wrong
+    # endpoint fails a pre-flight check fast. The new endpoint alone yields a
+    # fresh client, no cache reset.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     uri = "s3://bucket/photos"
@@ -253,6 +278,184 @@ def test_unreachable_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(StorageError) as error:
             operation(uri)
         assert_clean(error, uri)
+    assert retries(retry_log) == []
+
+
+@pytest.mark.parametrize(
+    ("message", "transient"),
+    [
+        # Exactly what pyarrow 26 said for each failure, seen against moto
+        # behind fault-injecting middleware, a closed port, a port with a
+        # full accept queue and an unresolvable host.
+        (
+            "When reading information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 503) during "
+            "HeadObject operation: No response body.",
+            True,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error SLOW_DOWN during PutObject operation: "
+            "Please reduce your request rate. (Request ID: x)",
+            True,
+        ),
+        (
+            "When listing objects under key '' in bucket 'b': AWS Error INTERNAL_FAILURE during ListObjectsV2 "
+            "operation: We encountered an internal error. Please try again. (Request ID: x)",
+            True,
+        ),
+        (
+            "AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream (eof: 0, bad: 1)",
+            True,
+        ),
+        (
+            "When listing objects under key '' in bucket 'b': AWS Error SERVICE_UNAVAILABLE during ListObjectsV2 "
+            "operation: Service is unable to handle request. (Request ID: x)",
+            True,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error UNKNOWN (HTTP status 429) during PutObject "
+            "operation: Unable to parse ExceptionName: TooManyRequests Message: Too many requests (Request ID: x)",
+            True,
+        ),
+        (
+            "When getting information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 504) during "
+            "HeadObject operation: No response body.",
+            True,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error THROTTLING during PutObject operation: "
+            "Rate exceeded (Request ID: x)",
+            True,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error REQUEST_TIMEOUT during PutObject operation: "
+            "Your socket connection to the server was not read from or written to within the timeout period.",
+            True,
+        ),
+        (
+            "When reading information for key 'x' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+            "operation: curlCode: 56, Failure when receiving data from the peer; Details: Recv failure: "
+            "Connection reset by peer",
+            True,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error NETWORK_CONNECTION during PutObject "
+            "operation: curlCode: 52, Server returned nothing (no headers, no data); Details: Empty reply from server",
+            True,
+        ),
+        (
+            "When listing objects under key '' in bucket 'b': AWS Error NETWORK_CONNECTION during ListObjectsV2 "
+            "operation: curlCode: 28, Timeout was reached; Details: Operation too slow. Less than 1 bytes/sec "
+            "transferred the last 1 seconds",
+            True,
+        ),
+        # Connecting timed out: as likely a wrong endpoint as a busy one.
+        (
+            "When getting information for key 'x' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+            "operation: curlCode: 28, Timeout was reached; Details: Connection timed out after 3101 milliseconds",
+            False,
+        ),
+        (
+            "When listing objects under key 'p/' in bucket 'b': AWS Error NETWORK_CONNECTION during ListObjectsV2 "
+            "operation: curlCode: 7, Could not connect to server; Details: Failed to connect to 127.0.0.1:45601 "
+            "after 0 ms: Could not connect to server",
+            False,
+        ),
+        (
+            "When getting information for key 'p' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+            "operation: curlCode: 6, Could not resolve hostname; Details: Could not resolve host: no-such-host.invalid",
+            False,
+        ),
+        (
+            "When getting information for key 'x' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject "
+            "operation: No response body.",
+            False,
+        ),
+        (
+            "When uploading object with key 'y' in bucket 'b': AWS Error NO_SUCH_BUCKET during PutObject operation: "
+            "The specified bucket does not exist (Request ID: x)",
+            False,
+        ),
+        (
+            "When getting information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 400) during "
+            "HeadObject operation: No response body.",
+            False,
+        ),
+        ("[Errno 2] Path does not exist 'b/missing'. Detail: [errno 2] No such file or directory", False),
+        ("[Errno 28] No space left on device", False),
+    ],
+)
+def test_transient_error_classification(message: str, transient: bool) -> None:
+    assert storage._is_transient(OSError(message)) is transient
+
+
+def test_s3_survives_a_flaky_endpoint(s3_bucket: str, s3_faults, fast_retries, retry_log, tmp_path) -> None:
+    root = f"s3://{s3_bucket}/flaky"
+    objects = {f"photos/{i:02d}.png": os.urandom(64) + bytes([i]) for i in range(24)}
+    s3_faults.fail(0.3, seed=1)
+    storage.ensure_writable(root)
+    for relative, data in objects.items():
+        storage.write_bytes(storage.join(root, relative), data)
+    assert storage.list_files(root) == sorted(objects)
+    for relative, data in objects.items():
+        assert storage.exists(storage.join(root, relative))
+        assert storage.read_bytes(storage.join(root, relative)) == data
+    storage.write_rows(storage.join(root, "_manifest/part.parquet"), [{"source": "a.png", "ok": True}])
+    assert storage.read_rows(storage.join(root, "_manifest/part.parquet")) == [{"source": "a.png", "ok": True}]
+    storage.copy_tree(storage.join(root, "photos"), str(tmp_path / "copy"))
+    assert storage.list_files(str(tmp_path / "copy")) == sorted(relative[len("photos/") :] for relative in objects)
+    for relative in objects:
+        storage.delete(storage.join(root, relative))
+        assert not storage.exists(storage.join(root, relative))
+    assert storage.list_files(root) == []
+    s3_faults.off()
+
+    assert s3_faults.failures > 0.2 * s3_faults.requests > 0
+    logged = retries(retry_log)
+    # Every injected failure came back as one transient error, retried by
+    # storage itself since the SDK was allowed a single attempt.
+    assert 0 < len(logged) <= s3_faults.failures
+    assert all(f"s3://{s3_bucket}/flaky" in line and "(attempt " in line for line in logged)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert not any(secret in line for line in logged)
+
+
+def test_s3_gives_up_after_bounded_attempts(s3_bucket: str, s3_faults, fast_retries, retry_log) -> None:
+    uri = f"s3://{s3_bucket}/photo.png"
+    storage.write_bytes(uri, b"photo")
+    s3_faults.fail(1.0, seed=2)
+    for operation in (storage.read_bytes, lambda uri: storage.write_bytes(uri, b"x"), storage.list_files):
+        requests = s3_faults.requests
+        with pytest.raises(StorageError, match=r"HTTP status 50[03]|SLOW_DOWN|INTERNAL_FAILURE") as error:
+            operation(uri)
+        assert_clean(error, uri)
+        # One request per try: the SDK was allowed a single attempt.
+        assert s3_faults.requests - requests == storage._S3_RETRY_ATTEMPTS
+    logged = retries(retry_log)
+    assert len(logged) == 3 * (storage._S3_RETRY_ATTEMPTS - 1)
+    assert f"(attempt {storage._S3_RETRY_ATTEMPTS - 1} of {storage._S3_RETRY_ATTEMPTS})" in logged[-1]
+    s3_faults.off()
+    assert storage.read_bytes(uri) == b"photo"
+
+
+@pytest.mark.parametrize("fault", [None, "AccessDenied"])
+def test_s3_definite_errors_are_not_retried(s3_bucket: str, s3_faults, retry_log, fault: str | None) -> None:
+    # With the session's default SDK attempts and backoff: a wrong answer is
+    # never worth waiting for.
+    operations = [
+        (f"s3://{s3_bucket}/missing.png", storage.read_bytes),
+        ("s3://no-such-bucket-casalimpia/photos", storage.list_files),
+        ("s3://no-such-bucket-casalimpia/photo.png", lambda uri: storage.write_bytes(uri, b"x")),
+    ]
+    if fault is not None:
+        s3_faults.fail(1.0, kinds=[fault])
+    started = time.monotonic()
+    for uri, operation in operations:
+        with pytest.raises(StorageError) as error:
+            operation(uri)
+        assert_clean(error, uri)
+    assert time.monotonic() - started < 2
+    assert s3_faults.requests <= 2 * len(operations)
+    assert retries(retry_log) == []
 
 
 def test_copy_tree_from_s3(s3_bucket: str, tmp_path) -> None:

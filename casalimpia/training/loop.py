@@ -366,18 +366,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: train for the configured epochs, validating and checkpointing after each.
 
     ``loop_config`` holds the resolved config as plain data (``config``), the optimizer steps of
-    the whole run (``total_steps``), the shape warm-up epochs (``warmup_epochs``) and the
-    validation rooms (``validation_rooms``).
+    the whole run (``total_steps``), the shape warm-up epochs (``warmup_epochs``), the
+    validation rooms (``validation_rooms``) and the marker of the test-only fault that kills
+    worker 1 after its first step (``fault_marker``, see ``casalimpia.faults``).
     """
     import ray.train
     import ray.train.torch
 
+    from casalimpia.faults import die_once
     from casalimpia.training.data import validation_pairs
     from casalimpia.training.tracking import open_tracker
 
     config: TrainConfig = build(TrainConfig, loop_config["config"])
     context = ray.train.get_context()
     is_main = context.get_world_rank() == 0
+    fault_marker = loop_config.get("fault_marker") if context.get_world_rank() == 1 else None
     device = ray.train.torch.get_device()
     trainer = LoraTrainer(
         config, device, loop_config["total_steps"], wrap=ray.train.torch.prepare_model, rank=context.get_world_rank()
@@ -406,6 +409,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             losses: list[float] = []
             for batch in shard.iter_torch_batches(batch_size=config.batch_size):
                 loss = trainer.train_batch(batch)
+                die_once(fault_marker, "training worker 1")
                 if loss is None:
                     continue
                 losses.append(loss)

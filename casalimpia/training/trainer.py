@@ -25,7 +25,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from casalimpia import storage
+from casalimpia import faults, storage
 from casalimpia.config import TINY, TrainConfig, to_dict, to_yaml
 from casalimpia.inpainting import LORA_WEIGHTS
 from casalimpia.pipeline import JobError, absolute_model, absolute_uri, check_model
@@ -187,6 +187,7 @@ def fit(plan: TrainPlan, callbacks: Sequence[UserCallback] = ()) -> TrainSummary
             "total_steps": plan.total_steps,
             "warmup_epochs": plan.warmup_epochs,
             "validation_rooms": plan.validation_rooms,
+            "fault_marker": faults.armed("train_worker"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,

@@ -1,0 +1,265 @@
+"""The bulk job under injected faults: each run ends with every input accounted for exactly once and
+with the same outputs as a run without faults.
+
+The faults are real: an actor process that exits mid-batch, S3 requests answered with errors over
+HTTP, a driver killed with SIGKILL. Only ``CASALIMPIA_FAULTS`` (see casalimpia.faults) and the
+test S3 endpoint's failure switch turn them on.
+"""
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from casalimpia import faults, storage
+from casalimpia.config import load_config
+from casalimpia.pipeline import execute, prepare, read_manifest
+from casalimpia.synthetic import write_demo_rooms
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "masking.model=tiny",
+    "masking.resolution=64",
+    "masking.batch_size=2",
+    "inpaint.model=tiny",
+    "inpaint.resolution=64",
+    "inpaint.steps=2",
+    "inpaint.batch_size=2",
+    "ray.masking_cpus=0.25",
+    "ray.inpainting_cpus=0.25",
+    "ray.io_cpus=0.25",
+    "ray.inpainting_actors=2",
+]
+PHOTOS = 8
+BAD = {"broken/empty.jpg": b"", "broken/text.jpg": b"<html>not a photo</html>", "broken/notes.txt": b"hello"}
+
+
+def write_catalogue(uri: str, staging: Path) -> list[str]:
+    """Eight good photos in nested folders and three bad files under uri; returns every relative path."""
+    for path in write_demo_rooms(staging, count=PHOTOS, seed=11):
+        storage.write_bytes(storage.join(uri, path.relative_to(staging).as_posix()), path.read_bytes())
+    for relative, data in BAD.items():
+        storage.write_bytes(storage.join(uri, relative), data)
+    return storage.list_files(uri)
+
+
+def job_config(input_uri: str, output_uri: str, *extra: str):
+    return load_config(ROOT / "configs/demo.yaml", [*TINY, *extra], values={"input": input_uri, "output": output_uri})
+
+
+def outputs(output_uri: str) -> dict[str, bytes]:
+    """Every written file under images/ and masks/, by relative path."""
+    return {
+        f"{folder}/{path}": storage.read_bytes(storage.join(output_uri, folder, path))
+        for folder in ("images", "masks")
+        for path in storage.list_files(storage.join(output_uri, folder))
+    }
+
+
+def check_accounted(output_uri: str, inputs: list[str]) -> dict[str, dict]:
+    """Every input has exactly one manifest row, the good photos ok or skipped, the bad ones failed."""
+    rows = read_manifest(output_uri)
+    sources = [row["source"] for row in rows]
+    assert sorted(sources) == sorted(inputs), "every input has exactly one manifest row"
+    folder = storage.join(output_uri, "_manifest")
+    every_row = [row for part in storage.list_files(folder) for row in storage.read_rows(storage.join(folder, part))]
+    assert len(every_row) == len(inputs), "no source is left in two manifest parts"
+    by_source = {row["source"]: row for row in rows}
+    assert all(by_source[source]["status"] == "failed" for source in BAD)
+    assert all(row["status"] in ("ok", "skipped") for source, row in by_source.items() if source not in BAD)
+    return by_source
+
+
+@pytest.fixture(scope="module")
+def fault_free(ray_local, tmp_path_factory):
+    """The catalogue, and the outputs of a run without faults."""
+    root = tmp_path_factory.mktemp("fault_free")
+    inputs = write_catalogue(str(root / "in"), root / "staging")
+    summary = execute(prepare(job_config(str(root / "in"), str(root / "out"))))
+    assert summary.counts == {"ok": PHOTOS, "failed": len(BAD)}
+    return root / "in", inputs, outputs(str(root / "out"))
+
+
+def test_fault_names_are_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv(faults.FAULTS_ENV, f"inpainter={tmp_path / 'a'}, train_worker={tmp_path / 'b'}")
+    assert faults.armed("inpainter") == str(tmp_path / "a")
+    assert faults.armed("train_worker") == str(tmp_path / "b")
+    monkeypatch.setenv(faults.FAULTS_ENV, "inpainters=/tmp/x")
+    with pytest.raises(ValueError, match="NAME=MARKER"):
+        faults.armed("inpainter")
+    monkeypatch.delenv(faults.FAULTS_ENV)
+    assert faults.armed("inpainter") is None
+    # Unarmed, and armed but already fired: nothing happens.
+    faults.die_once(None, "test")
+    (tmp_path / "fired").touch()
+    faults.die_once(str(tmp_path / "fired"), "test")
+
+
+def test_inpainting_actor_that_dies_is_replaced_and_its_batch_redone(fault_free, tmp_path, monkeypatch):
+    input_dir, inputs, expected = fault_free
+    marker = tmp_path / "inpainter-died"
+    monkeypatch.setenv(faults.FAULTS_ENV, f"inpainter={marker}")
+    summary = execute(prepare(job_config(str(input_dir), str(tmp_path / "out"))))
+    assert marker.exists(), "an inpainting actor died"
+    print(f"inpainting actor killed on its first batch: {summary.line()}")
+    assert summary.counts == {"ok": PHOTOS, "failed": len(BAD)}
+    check_accounted(str(tmp_path / "out"), inputs)
+    assert outputs(str(tmp_path / "out")) == expected
+
+
+def test_flaky_s3_endpoint_is_retried_until_every_photo_is_written(fault_free, s3_faults, s3_bucket):
+    input_dir, inputs, expected = fault_free
+    input_uri, output_uri = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/empty"
+    for relative in inputs:
+        storage.write_bytes(storage.join(input_uri, relative), (input_dir / relative).read_bytes())
+    # One request in five, from the driver and every Ray worker, answered with 503 SlowDown or 500.
+    s3_faults.fail(0.2, seed=5)
+    summary = execute(prepare(job_config(input_uri, output_uri)))
+    s3_faults.off()
+    print(f"S3 failed {s3_faults.failures} of {s3_faults.requests} requests: {summary.line()}")
+    assert s3_faults.failures > 0
+    assert summary.counts == {"ok": PHOTOS, "failed": len(BAD)}
+    check_accounted(output_uri, inputs)
+    assert outputs(output_uri) == expected
+
+
+def test_driver_killed_mid_run_then_rerun_finishes_the_rest(fault_free, load_job, tmp_path, capsys, monkeypatch):
+    import ray
+
+    input_dir, inputs, expected = fault_free
+    out = tmp_path / "out"
+    arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
+    arguments += [f"--set={override}" for override in [*TINY, "manifest_every=2"]]
+    # A driver process on the session's cluster, which outlives it as a real cluster would.
+    cluster = f"--set=ray.address={ray.get_runtime_context().gcs_address}"
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/defurnish.py", *arguments, cluster],
+        cwd=ROOT,
+        stdout=(tmp_path / "driver.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not persisted_rows(out) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    before = persisted_rows(out)
+    written = len(storage.list_files(str(out / "images"))) if (out / "images").exists() else 0
+    assert 0 < len(before) < len(inputs)
+
+    monkeypatch.chdir(ROOT)
+    assert load_job("defurnish").main(arguments) == 0
+    line = capsys.readouterr().out.splitlines()[-2]
+    print(f"driver killed with {len(before)} rows persisted and {written} images written; rerun: {line}")
+    rows = check_accounted(str(out), inputs)
+    done_before = [row["source"] for row in before if row["status"] == "ok"]
+    assert done_before and all(rows[source]["status"] == "skipped" for source in done_before), "not redone"
+    assert outputs(str(out)) == expected
+
+
+def persisted_rows(output: Path) -> list[dict]:
+    folder = output / "_manifest"
+    parts = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    return [row for part in parts for row in storage.read_rows(str(part))]
+
+
+def test_two_nodes_then_one_is_lost_mid_run(fault_free, tmp_path):
+    import ray
+    from ray.util.state import list_tasks
+
+    input_dir, inputs, expected = fault_free
+    out = tmp_path / "out"
+    node_id, kill_node = join_worker_node(cpus=2)
+    lost = threading.Event()
+
+    def lose_node_once_photos_are_written() -> None:
+        while not (out / "images").exists() or not storage.list_files(str(out / "images")):
+            time.sleep(0.05)
+        kill_node()
+        lost.set()
+
+    killer = threading.Thread(target=lose_node_once_photos_are_written, daemon=True)
+    try:
+        killer.start()
+        summary = execute(prepare(job_config(str(input_dir), str(out))))
+    finally:
+        kill_node()
+    assert lost.is_set(), "the node was lost while the job ran"
+    alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
+    assert alive[node_id] is False
+    # Tasks keep the node they ran on; an actor reports the node it was restarted on.
+    ran_there = Counter(task.name for task in list_tasks(filters=[("node_id", "=", node_id)], limit=10_000))
+    assert ran_there, "the job used the second node"
+    print(f"two nodes, the second lost mid-run: {summary.line()}; it ran {dict(ran_there)}")
+    assert summary.counts == {"ok": PHOTOS, "failed": len(BAD)}
+    check_accounted(str(out), inputs)
+    assert outputs(str(out)) == expected
+
+
+def join_worker_node(cpus: float):
+    """Start a second node in the session's Ray cluster with ``ray start``; returns its id and a killer.
+
+    The killer SIGKILLs the node's raylet, the processes under it and its log monitor at once, as a
+    pre-empted machine would vanish; calling it again does nothing.
+    """
+    import ray
+
+    before = {process.pid for process in psutil.process_iter()}
+    port = free_port()
+    # `ray start` records the cluster's address for later `ray.init()` calls on this machine; a
+    # record left after the session would send them to a cluster that is gone.
+    address_file = Path(ray.get_runtime_context().get_temp_dir()) / "ray_current_cluster"
+    recorded = address_file.read_text() if address_file.exists() else None
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            f"--address={ray.get_runtime_context().gcs_address}",
+            f"--num-cpus={cpus}",
+            f"--node-manager-port={port}",
+            # The session's own node holds the default agent and metrics ports.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    if recorded is None:
+        address_file.unlink(missing_ok=True)
+    else:
+        address_file.write_text(recorded)
+    started = [process for process in psutil.process_iter(["cmdline", "ppid"]) if process.pid not in before]
+    raylet = next(p for p in started if f"--node_manager_port={port}" in " ".join(p.info["cmdline"] or []))
+    # `ray start` exits once the node is up, leaving the raylet and a log monitor to init.
+    log_monitors = [p for p in started if p.info["ppid"] == 1 and "log_monitor" in " ".join(p.info["cmdline"] or [])]
+    node_id = next(node["NodeID"] for node in ray.nodes() if node["NodeManagerPort"] == port)
+
+    def kill() -> None:
+        try:
+            processes = [raylet, *raylet.children(recursive=True), *log_monitors]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+    return node_id, kill
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
