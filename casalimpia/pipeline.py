@@ -197,7 +197,9 @@ def plan_run(config: PhotoJobConfig, files: list[str], new_row: NewRow, file_col
 def list_input(uri: str) -> list[str]:
     """The relative paths of every file under the input URI; raises JobError when there are none."""
     try:
-        files = storage.list_files(uri)
+        # Keys that could climb out of the output (a/../b) are listed too: plan_run refuses each one
+        # in the manifest rather than leaving it out unseen.
+        files = storage.list_files(uri, unsafe=True)
     except storage.StorageError as error:
         raise JobError(f"input: {error}") from None
     if not files:

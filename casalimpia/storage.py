@@ -195,14 +195,17 @@ def is_s3(uri: str) -> bool:
     return match is not None and match.group(1).lower() == "s3"
 
 
-def list_files(uri: str) -> list[str]:
+def list_files(uri: str, *, unsafe: bool = False) -> list[str]:
     """Return the relative POSIX paths of all files under ``uri``, sorted.
 
     Hidden entries (a path component starting with ``.``) and components
     starting with ``_`` (``_SUCCESS``, ``_manifest``, temp files) are
-    skipped, as are S3 keys with empty components (``a//b``), which pyarrow
-    cannot open. On S3 this is one paginated recursive listing with no request
-    per object, so it scales to prefixes with millions of keys.
+    skipped, as are S3 keys with empty, ``.`` or ``..`` components (``a//b``,
+    ``a/../b``), which could climb out of a folder they are joined onto.
+    ``unsafe=True`` keeps the latter, for a caller that refuses each one
+    visibly (the bulk job gives them failed manifest rows). On S3 this is one
+    paginated recursive listing with no request per object, so it scales to
+    prefixes with millions of keys.
 
     Raises StorageError if ``uri`` is not an existing folder or prefix, or
     cannot be reached.
@@ -220,7 +223,7 @@ def list_files(uri: str) -> list[str]:
     # empty "dir/" marker objects; only real files are wanted.
     prefix = base.rstrip("/") + "/"
     paths = (info.path[len(prefix) :] for info in infos if info.type == pafs.FileType.File)
-    return sorted(path for path in paths if not _is_skipped(path))
+    return sorted(path for path in paths if not _is_skipped(path, unsafe))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -375,11 +378,14 @@ def _atomic_local_write(path: str, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def _is_skipped(relative: str) -> bool:
-    # "." covers "." and ".." too, so a listed path can never climb out of a
-    # copy_tree destination. Empty parts come from S3 keys such as "a//b",
-    # which pyarrow refuses to open ("Empty path component").
-    return any(not part or part.startswith((".", "_")) for part in relative.split("/"))
+def _is_skipped(relative: str, unsafe: bool = False) -> bool:
+    # Without `unsafe`, "." covers "." and ".." too, so a listed path can never
+    # climb out of a copy_tree destination. Empty parts come from S3 keys such
+    # as "a//b", which pyarrow refuses to open ("Empty path component").
+    parts = relative.split("/")
+    if unsafe:
+        parts = [part for part in parts if part not in ("", ".", "..")]
+    return any(not part or part.startswith((".", "_")) for part in parts)
 
 
 def _run(action: str, uri: str, fs: pafs.FileSystem, operation: Callable[[], _T]) -> _T:

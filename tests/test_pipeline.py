@@ -1,8 +1,12 @@
 """The de-furnishing job end to end on the real local Ray instance with the tiny preset."""
 
 import io
+import os
+import struct
+import zlib
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -42,6 +46,19 @@ def _png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _bomb_png(side: int) -> bytes:
+    """A real decompression bomb: a side x side grayscale PNG of zeros, a few hundred KB on disk."""
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
 def make_catalogue(uri: str, staging: Path) -> dict[str, tuple[int, int]]:
     """Good photos in nested folders plus one file of each bad kind; returns good (width, height)."""
     good: dict[str, tuple[int, int]] = {}
@@ -70,10 +87,12 @@ def run_job(input_uri: str, output_uri: str, *extra: str):
     return plan, execute(plan)
 
 
-def check_run(input_uri: str, output_uri: str, good: dict[str, tuple[int, int]]) -> list[dict]:
+def check_run(
+    input_uri: str, output_uri: str, good: dict[str, tuple[int, int]], bad: dict[str, str] = BAD_FILES
+) -> list[dict]:
     rows = read_manifest(output_uri)
     sources = [row["source"] for row in rows]
-    assert sorted(sources) == sorted([*good, *BAD_FILES]), "every input has exactly one manifest row"
+    assert sorted(sources) == sorted([*good, *bad]), "every input has exactly one manifest row"
     by_source = {row["source"]: row for row in rows}
     for relative, (width, height) in good.items():
         row = by_source[relative]
@@ -82,7 +101,7 @@ def check_run(input_uri: str, output_uri: str, good: dict[str, tuple[int, int]])
         output = decode_image(storage.read_bytes(storage.join(output_uri, row["output"])), max_pixels=10**8, min_side=8)
         assert output.shape[:2] == (height, width)
         assert storage.exists(storage.join(output_uri, row["mask"]))
-    for relative, reason in BAD_FILES.items():
+    for relative, reason in bad.items():
         row = by_source[relative]
         assert row["status"] == "failed" and reason in row["error"], row
         assert "\n" not in row["error"]
@@ -123,12 +142,41 @@ def test_local_folder_then_rerun_skips_done_photos(ray_local, tmp_path):
     assert planned("inpaint.seed=7") == planned("overwrite=true") == len(good) + len(BAD_FILES) - 1
 
 
-def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
+def test_s3_catalogue_with_hostile_keys_writes_nothing_outside_the_output(ray_local, s3_bucket, tmp_path, capfd):
     input_uri, output_uri = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/empty/"
     good = make_catalogue(input_uri, tmp_path)
+    # Keys that name their way out of the prefix, and odd but harmless names that stay photos.
+    photo = _png(render_room(4, 96, 72).furnished)
+    hostile = {
+        "../escape.png": "unsafe path",
+        "a/../../../escape.png": "unsafe path",
+        "/absolute.png": "unsafe path",
+        "./dot.png": "unsafe path",
+        "ctl\x01.png": "unsafe path",
+        "bomb.png": "image too large",
+    }
+    odd = ["sp ace/ü né.png", "\u202eevil.png", "%2e%2e/encoded.png", "back\\..\\slash.png", " .png"]
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for key in [*hostile, *odd]:
+        client.put_object(Bucket=s3_bucket, Key=f"raw/{key}", Body=_bomb_png(12_000) if key == "bomb.png" else photo)
+    good |= {key: (96, 72) for key in odd}
+    bad = BAD_FILES | hostile
+
     _, summary = run_job(input_uri, output_uri)
-    assert summary.counts == {"ok": len(good), "failed": len(BAD_FILES)}
-    check_run(input_uri, output_uri, good)
+    assert summary.counts == {"ok": len(good), "failed": len(bad)}
+    check_run(input_uri, output_uri, good, bad)
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert all(key.startswith(("raw/", "empty/")) for key in keys), "nothing lands outside the output"
+    written = [key for key in keys if key.startswith("empty/") and not key.endswith("/")]  # not the prefix marker
+    assert not any("/../" in key or "//" in key or "/./" in key for key in written)
+    # The credentials the job ran with appear nowhere in what it wrote or printed.
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
+    printed = capfd.readouterr()
+    texts = [storage.read_bytes(f"s3://{s3_bucket}/{key}") for key in written] + [
+        printed.out.encode(),
+        printed.err.encode(),
+    ]
+    assert not any(secret in text for secret in secrets for text in texts)
     manifest = storage.list_files(storage.join(output_uri, "_manifest"))
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, "_manifest", manifest[0]))))
     assert table.column_names == [
@@ -146,7 +194,7 @@ def test_s3_catalogue(ray_local, s3_bucket, tmp_path):
         "config_hash",
     ]
     _, summary = run_job(input_uri, output_uri)
-    assert summary.counts == {"skipped": len(good), "failed": len(BAD_FILES)}
+    assert summary.counts == {"skipped": len(good), "failed": len(bad)}
 
 
 def test_quality_gate_flags_photos_with_furniture_left(ray_local, tmp_path):

@@ -1,11 +1,13 @@
 """Training runs on the session's Ray instance: overfitting, two workers, resume, and the LoRA in use."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from casalimpia import faults
 from casalimpia.config import DefurnishConfig, TrainConfig, load_config
 from casalimpia.images import decode_image, decode_mask
 from casalimpia.inpainting import LORA_WEIGHTS, Inpainter
@@ -30,7 +32,9 @@ def demo_config(storage: Path, *overrides: str) -> TrainConfig:
     )
 
 
-def test_train_job_with_two_workers_then_a_restarted_run_resumes(ray_local, load_job, tmp_path, capsys, monkeypatch):
+def test_two_workers_then_a_restarted_run_resumes_past_a_worker_death(
+    ray_local, load_job, tmp_path, capsys, monkeypatch
+):
     arguments = [
         "--config",
         "configs/train_demo.yaml",
@@ -58,14 +62,24 @@ def test_train_job_with_two_workers_then_a_restarted_run_resumes(ray_local, load
     steps = first[0]["step"]
     assert [row["epoch"] for row in first] == [1] and steps >= 1
 
+    # Started again for a second epoch, in which worker 1 dies after its first step: FailureConfig
+    # restarts both workers from the epoch 1 checkpoint and the run finishes.
+    marker = tmp_path / "worker-died"
+    monkeypatch.setenv(faults.FAULTS_ENV, f"train_worker={marker}")
     again = trainer.prepare(demo_config(tmp_path, "ray.workers=2", "ray.cpus_per_worker=0.25", "epochs=2"))
     assert again.resuming and again.steps_per_epoch == steps
     resumed = trainer.fit(again)
+    assert marker.exists(), "a training worker died"
     # Epoch 1 is not trained again: its row is the first run's, and epoch 2 continues its step count.
     assert [(row["epoch"], row["step"]) for row in resumed.epochs] == [(1, steps), (2, 2 * steps)]
     assert resumed.epochs[0] == first[0]
     checkpoints = [p for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert len(checkpoints) == 2
+    # Every worker holds the AWS credentials in its environment; none of them reaches a file the
+    # runs wrote: checkpoints, config.yaml, metrics, W&B's run files.
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
+    written = [path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(written) > 10 and not any(secret in data for secret in secrets for data in written)
 
 
 def test_overfitting_one_room_then_its_lora_changes_what_the_defurnishing_job_paints(ray_local, tmp_path):
