@@ -6,14 +6,21 @@ jobs' own argument parsers and config loader (stopped before anything runs).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -381,3 +388,71 @@ def test_no_credentials_in_cluster_files(path: Path):
     for index, doc in enumerate(documents(path)):
         findings += structure_findings(doc, f"document {index}")
     assert not findings, f"{path.name}: " + "; ".join(findings)
+
+
+def local_head_commands() -> list[str]:
+    """The README's commands that start a local head, submit the demo job to it, watch it and stop it."""
+    section = (ROOT / "README.md").read_text().split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert block, "the cluster section has a bash block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_readme_cluster_commands_against_a_local_head():
+    """`ray start --head` on 127.0.0.1, the demo job through `ray job submit`, then the head is stopped.
+
+    The commands run as written, except that the head gets free ports and a temp dir of its own
+    (this machine may run other Ray instances, the test session's included) and that the final
+    `ray stop`, which would stop every Ray instance of this user, becomes killing this head's processes.
+    """
+    commands = local_head_commands()
+    assert commands[0] == "export RAY_AUTH_MODE=token" and commands[-1] == "ray stop"
+    assert any(c.startswith("ray start --head") for c in commands) and any("ray job submit" in c for c in commands)
+    ports = {"6379": str(free_port()), "8265": str(free_port())}
+    output = ROOT / "outputs" / "cluster-demo"
+    shutil.rmtree(output, ignore_errors=True)
+    # Nothing leaves this machine; and Ray's socket paths must stay short, which pytest's tmp_path is not.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-head-", dir="/tmp"))
+    try:
+        for command in commands[:-1]:
+            for default, port in ports.items():
+                command = command.replace(f"={default}", f"={port}").replace(f":{default}", f":{port}")
+            if command.startswith("ray start --head"):
+                command += f" --dashboard-agent-listen-port={free_port()} --temp-dir={temp_dir}"
+            if command.startswith("export "):
+                name, _, value = command.removeprefix("export ").partition("=")
+                env[name] = value
+                continue
+            result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            if command.startswith("ray job status"):
+                assert "Job 'demo-1' succeeded" in result.stdout
+            if command.startswith("ray job logs"):
+                assert "done: ok=8 failed=0 skipped=0" in result.stdout
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    rows = pq.read_table(output / "_manifest").to_pylist()
+    assert len(rows) == 8 and {row["status"] for row in rows} == {"ok"}
+    assert (output / "config.yaml").exists() and (output / "report.html").exists()
+
+
+def stop_head(temp_dir: Path) -> None:
+    """Kill every process of the Ray head started with ``--temp-dir=temp_dir``, and those they started."""
+    import psutil
+
+    started = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    processes = set(started)
+    for process in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes.update(process.children(recursive=True))
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
