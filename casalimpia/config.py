@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -742,7 +743,7 @@ def _check_search_key(key: str, spec: dict[str, Any], train: TrainConfig) -> Non
 def _check_job_uris(source: str, target: str) -> None:
     _check(bool(source), "input", "is required (in the config or with --input)")
     _check(bool(target), "output", "is required (in the config or with --output)")
-    source, target = _strip_slash(source), _strip_slash(target)
+    source, target = _comparable(source), _comparable(target)
     _check(source != target, "output", "must differ from input (outputs would be read back as inputs)")
     _check(not target.startswith(source + "/"), "output", "must not be inside input (outputs would be read back)")
 
@@ -757,8 +758,11 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def _strip_slash(uri: str) -> str:
-    return uri.rstrip("/").removeprefix("file://")
+def _comparable(uri: str) -> str:
+    """The URI with local paths absolute and normalised (``./in/../in/x`` is ``in/x``) and no trailing slash."""
+    if uri.lower().startswith("s3://"):
+        return uri.rstrip("/")
+    return os.path.abspath(uri.removeprefix("file://"))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

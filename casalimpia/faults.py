@@ -5,10 +5,12 @@ comma-separated list of ``NAME=MARKER`` pairs:
 
     inpainter=PATH     the first inpainting actor to receive a batch dies before painting it
     train_worker=PATH  the training worker of world rank 1 dies after its first step
+    driver=PATH        a photo job's driver dies once it has persisted its first processed rows
 
 A fault fires once: the process that creates the MARKER file dies with ``os._exit``, as a worker
 killed by the kernel's OOM killer or a pre-empted node would (no exception, no cleanup), and every
-later process finds the file and carries on, so the replacement actor or worker does the work.
+later process finds the file and carries on, so the replacement actor or worker, or the rerun
+driver, does the work.
 Markers are local files, so the processes must share a disk: a cluster on one machine.
 
 The environment is read on the driver only; the markers travel to the workers as arguments.
@@ -23,7 +25,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FAULTS_ENV = "CASALIMPIA_FAULTS"
-NAMES = ("inpainter", "train_worker")
+NAMES = ("inpainter", "train_worker", "driver")
 
 
 def armed(name: str) -> str | None:

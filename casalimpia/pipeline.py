@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from casalimpia import configure_logging, storage
-from casalimpia.config import TINY, DecodeConfig, DefurnishConfig, MaskingConfig, RayConfig, to_yaml
+from casalimpia.config import MANIFEST_EVERY, TINY, DecodeConfig, DefurnishConfig, MaskingConfig, RayConfig, to_yaml
 from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ class ManifestWriter:
     A part is written every ``rows_per_part`` rows, so a killed driver loses at most that much bookkeeping.
     """
 
-    def __init__(self, output: str, run_id: str, schema: pa.Schema, rows_per_part: int) -> None:
+    def __init__(self, output: str, run_id: str, schema: pa.Schema, rows_per_part: int = MANIFEST_EVERY) -> None:
         self.folder = storage.join(output, MANIFEST_DIR)
         self.run_id = run_id
         self.schema = schema
@@ -547,17 +547,22 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
     The settled rows go in first and every streamed row is persisted as it arrives, so an
     interrupted run resumes from what was written; the dataset is only built when there is work.
     """
+    from casalimpia import faults
+
     config = plan.config
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     manifest = ManifestWriter(config.output, plan.run_id, schema, config.manifest_every)
     manifest.add(plan.settled)
     start = time.perf_counter()
     processed = 0
+    driver_fault = faults.armed("driver")
     if plan.todo:
         for batch in build(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = batch.to_pylist()
             processed += len(rows)
             manifest.add(rows)
+            if manifest.parts and processed:
+                faults.die_once(driver_fault, "the driver")
     seconds = time.perf_counter() - start
     manifest.finish()
     return Summary(dict(manifest.counts), processed, seconds, config.output)

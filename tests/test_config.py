@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from casalimpia.config import ConfigError, DefurnishConfig, load_config, to_yaml
+from casalimpia.config import ConfigError, DefurnishConfig, TrainConfig, TuneConfig, load_config, to_yaml
 
 
 @pytest.fixture
@@ -51,6 +51,7 @@ def test_values_are_taken_verbatim(config_file):
         ("inpaint=3", "inpaint: expected a mapping"),
         ("output=in", "output: must differ from input"),
         ("output=in/results", "output: must not be inside input"),
+        ("output=./x/../in/results/", "output: must not be inside input"),
         ("broken", "expected section.key=value"),
     ],
 )
@@ -91,3 +92,13 @@ def test_shipped_configs_load():
     for name in ("demo", "defurnish"):
         config = load_config(f"configs/{name}.yaml", values={"input": "a", "output": "b"})
         assert config.inpaint.steps >= 1
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "/etc"])
+@pytest.mark.parametrize(
+    ("config", "cls"), [("configs/train_demo.yaml", TrainConfig), ("configs/tune_demo.yaml", TuneConfig)]
+)
+def test_run_names_cannot_climb_out_of_the_storage(name, config, cls):
+    """A run or sweep name is a folder under the storage URI: one that leaves it is refused."""
+    with pytest.raises(ConfigError, match=r"^name: must be a plain name"):
+        load_config(config, [f"name={name}"], cls, {"storage": "s3://bucket/runs"} if cls is TrainConfig else None)
