@@ -24,6 +24,10 @@ from casalimpia.classes import PRESETS, STRUCTURE, check_class_names, normalize_
 
 TINY = "tiny"
 """Model reference that builds small random models in code: offline tests and demos."""
+RANDOM_FULL = "random-full"
+"""Model reference that builds the default model's full-size architecture with random weights: benchmarks."""
+RANDOM_WEIGHTS = (TINY, RANDOM_FULL)
+"""Model references whose outputs are noise."""
 MANIFEST_EVERY = 1000
 """Manifest rows a photo job persists at a time by default."""
 
@@ -635,6 +639,52 @@ class EvaluateConfig:
 
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS_TUNE = ("asha", "fifo")
+
+
+@dataclass
+class BenchConfig:
+    """The throughput benchmark: the inpainting stage alone, the whole job, and a naive baseline."""
+
+    output: str = "outputs/bench"
+    """Local folder the synthetic photos, the job's outputs, config.yaml and the JSON records go under."""
+    record: str = "BENCHMARKS.md"
+    """Markdown file a row of results is appended to; empty appends nothing."""
+    quick: bool = False
+    """Two batches, one baseline photo, no scaling sweep: checks that everything runs (CI)."""
+    photos: int = 64
+    """Synthetic photos timed through the whole job and the stage alone."""
+    photo_size: list[int] = field(default_factory=lambda: [1024, 768])
+    """Width and height of the synthetic furnished photos (JPEG)."""
+    segment: bool = True
+    """Mask with the segmentation model, as the job does; false gives the job the synthetic rooms' true
+    furniture masks, so that every photo is painted even by a segmenter with random weights that finds
+    no furniture (the masking rate is measured on its own either way)."""
+    baseline_photos: int = 4
+    """Photos the naive baseline paints, one at a time in fp32 (it is slow)."""
+    scaling: list[int] = field(default_factory=list)
+    """Catalogue sizes for the scaling sweep of the whole job (small photos); empty: no sweep."""
+    price_per_hour: float = 3.0
+    """Price of one GPU-hour, for the cost per 1,000 images (GPU runs only)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks of the job."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Furniture segmentation of the job."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    """Inpainting, for the job, the stage alone and the baseline."""
+    write: WriteConfig = field(default_factory=WriteConfig)
+    """Output files of the job."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster resources of the job."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output), "output", "is required (in the config or with --output)")
+        _check("://" not in self.output, "output", "must be a local folder (the benchmark times local disk I/O)")
+        _check(self.photos >= 1, "photos", "must be at least 1")
+        _check(self.baseline_photos >= 1, "baseline_photos", "must be at least 1")
+        ok = len(self.photo_size) == 2 and all(side >= self.decode.min_side for side in self.photo_size)
+        _check(ok, "photo_size", f"must be [width, height], each at least decode.min_side ({self.decode.min_side})")
+        _check(all(size >= 1 for size in self.scaling), "scaling", "sizes must be at least 1")
+        _check(self.price_per_hour >= 0, "price_per_hour", "must be non-negative")
 
 
 @dataclass

@@ -3,13 +3,18 @@
 A model reference is a Hugging Face hub id, a local folder, an ``s3://`` prefix (copied once per
 node into a local cache) or ``tiny``: small randomly initialised models built in code with a fixed
 seed, so every job and test runs offline. Outputs made with ``tiny`` are noise and say so.
+``random-full`` (RANDOM_FULL) is the full-size architecture of each default model, built offline from
+the configs under ``casalimpia/data/architectures`` with random weights: for throughput benchmarks,
+whose timings do not depend on weight values; its outputs are noise too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,17 @@ from filelock import FileLock
 
 from casalimpia import storage
 from casalimpia.classes import ADE20K_CLASSES
-from casalimpia.config import TINY
+from casalimpia.config import RANDOM_FULL, TINY
 
 log = logging.getLogger(__name__)
 
 TINY_SEED = 0
+"""The default models' full-size architectures with random weights (seeded), built offline; for benchmarks."""
+ARCHITECTURES_DIR = Path(__file__).parent / "data" / "architectures"
+SD2_INPAINTING_DIR = ARCHITECTURES_DIR / "sd2-inpainting"
+"""Configs of stabilityai/stable-diffusion-2-inpainting: unet/, vae/, text_encoder/, scheduler/."""
+ONEFORMER_SWIN_LARGE_DIR = ARCHITECTURES_DIR / "oneformer-ade20k-swin-large"
+"""config.json of shi-labs/oneformer_ade20k_swin_large."""
 CACHE_DIR = Path(os.environ.get("CASALIMPIA_CACHE", Path.home() / ".cache" / "casalimpia"))
 
 
@@ -84,7 +95,7 @@ def check_available(reference: str, role: str) -> None:
 
     ``role`` is the config key that named the model, so the message says what to change.
     """
-    if reference == TINY:
+    if reference in (TINY, RANDOM_FULL):
         return
     if storage.is_s3(reference) or reference.startswith("file://"):
         try:
@@ -137,6 +148,8 @@ def load_segmenter(reference: str, placement: Placement) -> tuple[Any, Any]:
     """OneFormer and the tokenizer for its task prompt, in eval mode on the placement."""
     if reference == TINY:
         model, tokenizer = tiny_segmenter()
+    elif reference == RANDOM_FULL:
+        model, tokenizer = random_full_segmenter(placement.device)
     else:
         from transformers import AutoTokenizer, OneFormerForUniversalSegmentation
 
@@ -153,6 +166,8 @@ def load_inpainting_pipeline(reference: str, placement: Placement) -> Any:
         pipe = tiny_inpainting_pipeline()
         if placement.dtype != torch.float32:
             pipe = pipe.to(dtype=placement.dtype)
+    elif reference == RANDOM_FULL:
+        pipe = random_full_inpainting_pipeline(placement.device, placement.dtype)
     else:
         from diffusers import StableDiffusionInpaintPipeline
 
@@ -283,6 +298,110 @@ def tiny_inpainting_pipeline() -> Any:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def count_parameters(module: Any) -> int:
+    """Number of parameters of a torch module (works on the meta device too)."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _warn_random_full(what: str) -> None:
+    log.warning(
+        "%s: %r is the full-size architecture with RANDOM weights, for benchmarking only: the outputs are noise",
+        what,
+        RANDOM_FULL,
+    )
+
+
+@contextlib.contextmanager
+def _seeded_build(device: torch.device) -> Iterator[None]:
+    """Build modules on ``device`` with torch's generators seeded from TINY_SEED, restoring them after.
+
+    Parameters are created where the model will run, so no fp32 copy is first built on the CPU.
+    """
+    # torch.manual_seed seeds every device; the CPU's and a CUDA device's generators are restored after.
+    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(TINY_SEED)
+        with torch.device(device):
+            yield
+
+
+def sd2_inpainting_components(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """SD2-inpainting's UNet, VAE and OpenCLIP-H text encoder, fp32 and random (seeded), built on ``device``.
+
+    Built from the configs in SD2_INPAINTING_DIR; ``device="meta"`` builds them without any memory,
+    to inspect shapes and parameter counts. The models are in eval mode.
+    """
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    device = torch.device(device)
+    unet_config = json.loads((SD2_INPAINTING_DIR / "unet" / "config.json").read_text())
+    vae_config = json.loads((SD2_INPAINTING_DIR / "vae" / "config.json").read_text())
+    text_config = CLIPTextConfig.from_json_file(str(SD2_INPAINTING_DIR / "text_encoder" / "config.json"))
+    with _seeded_build(device):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(text_config)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+
+
+def random_full_inpainting_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """StableDiffusionInpaintPipeline with SD2-inpainting's full-size architecture and random weights.
+
+    The networks are built on ``device`` (fp32, seeded with TINY_SEED) and then cast to ``dtype``;
+    the scheduler is the published one (PNDM); the tokenizer is the byte-level stand-in of
+    `tiny_tokenizer` (77 tokens, ids far below the text encoder's vocabulary), since the real
+    vocabulary files cannot be had offline. No safety checker.
+    """
+    import json
+
+    import diffusers
+    from diffusers import StableDiffusionInpaintPipeline
+
+    _warn_random_full("inpainting")
+    device = torch.device(device)
+    components = sd2_inpainting_components(device)
+    if dtype != torch.float32:
+        for model in components.values():
+            model.to(dtype=dtype)
+    scheduler_config = json.loads((SD2_INPAINTING_DIR / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    tokenizer = tiny_tokenizer(model_max_length=components["text_encoder"].config.max_position_embeddings)
+    if len(tokenizer) > components["text_encoder"].config.vocab_size:
+        raise ValueError("the stand-in tokenizer's ids must stay below the text encoder's vocabulary size")
+    return StableDiffusionInpaintPipeline(
+        **components,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def oneformer_swin_large(device: torch.device | str = "cpu") -> Any:
+    """OneFormer with a Swin-L backbone and ADE20K's 150 labels, fp32 and random (seeded), built on ``device``.
+
+    Built from the config in ONEFORMER_SWIN_LARGE_DIR; ``device="meta"`` builds it without memory.
+    """
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    device = torch.device(device)
+    config = OneFormerConfig.from_json_file(str(ONEFORMER_SWIN_LARGE_DIR / "config.json"))
+    with _seeded_build(device):
+        model = OneFormerForUniversalSegmentation(config)
+    return model.eval()
+
+
+def random_full_segmenter(device: torch.device | str = "cpu") -> tuple[Any, Any]:
+    """The Swin-L OneFormer with random weights and the stand-in task tokenizer (task_seq_len tokens)."""
+    _warn_random_full("masking")
+    model = oneformer_swin_large(device)
+    return model, tiny_tokenizer(model_max_length=model.config.task_seq_len)
 
 
 def wire_transparent_autoencoder(vae: Any, constant: float = 10.0, offset: float = 30.0) -> None:

@@ -39,7 +39,15 @@ import numpy as np
 import pyarrow as pa
 
 from casalimpia import configure_logging, storage
-from casalimpia.config import MANIFEST_EVERY, TINY, DecodeConfig, DefurnishConfig, MaskingConfig, RayConfig, to_yaml
+from casalimpia.config import (
+    MANIFEST_EVERY,
+    RANDOM_WEIGHTS,
+    DecodeConfig,
+    DefurnishConfig,
+    MaskingConfig,
+    RayConfig,
+    to_yaml,
+)
 from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
 
 log = logging.getLogger(__name__)
@@ -427,6 +435,8 @@ class Summary:
     processed: int
     seconds: float
     output: str
+    progress: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds since the start, photos processed) at each arrival of rows: the run's rate over time."""
 
     @property
     def images_per_second(self) -> float:
@@ -534,8 +544,8 @@ def execute(plan: Plan) -> Summary:
     from casalimpia.report import write_report
 
     config = plan.config
-    if TINY in (config.masking.model, config.inpaint.model):
-        log.warning("the tiny preset is in use: random weights, the outputs are noise (for tests and demos)")
+    if random := {config.masking.model, config.inpaint.model} & set(RANDOM_WEIGHTS):
+        log.warning("%s: random weights, the outputs are noise (for tests, demos, benchmarks)", "/".join(random))
     summary = run_plan(plan, build_dataset, MANIFEST_SCHEMA)
     write_report(config, read_manifest(config.output), summary)
     return summary
@@ -555,17 +565,19 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
     manifest.add(plan.settled)
     start = time.perf_counter()
     processed = 0
+    progress = []
     driver_fault = faults.armed("driver")
     if plan.todo:
         for batch in build(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = batch.to_pylist()
             processed += len(rows)
+            progress.append((time.perf_counter() - start, processed))
             manifest.add(rows)
             if manifest.parts and processed:
                 faults.die_once(driver_fault, "the driver")
     seconds = time.perf_counter() - start
     manifest.finish()
-    return Summary(dict(manifest.counts), processed, seconds, config.output)
+    return Summary(dict(manifest.counts), processed, seconds, config.output, progress)
 
 
 def connect(address: str | None) -> None:

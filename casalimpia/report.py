@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from casalimpia import storage
-from casalimpia.config import TINY
+from casalimpia.config import RANDOM_WEIGHTS
 from casalimpia.images import ImageDecodeError, decode_image, decode_mask
 
 if TYPE_CHECKING:
@@ -77,10 +77,10 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
     )
     failed = [row for row in rows if row["status"] == "failed"]
     warning = ""
-    if TINY in (config.masking.model, config.inpaint.model):
+    if random := {config.masking.model, config.inpaint.model} & set(RANDOM_WEIGHTS):
         warning = (
-            '<p class="warn">Made with the <b>tiny</b> preset: small random models for tests and '
-            "demos. Masks and outputs are noise, not de-furnished rooms.</p>"
+            f'<p class="warn">Made with <b>{html.escape("/".join(sorted(random)))}</b>: models with random '
+            "weights, for tests, demos and benchmarks. Masks and outputs are noise, not de-furnished rooms.</p>"
         )
     counts = "".join(
         f"<tr><th>{status}</th><td>{sum(row['status'] == status for row in rows)}</td></tr>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import threading
 import uuid
@@ -14,6 +15,10 @@ import boto3
 import pytest
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
+
+# The test process, the Ray workers it starts and the jobs it runs as subprocesses share two cores:
+# one intra-op thread each keeps torch from oversubscribing them. Set before any test imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Real S3 error answers: the first two when S3 cannot serve a request right now, the last one
 # never goes away by retrying.

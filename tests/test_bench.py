@@ -1,0 +1,40 @@
+"""The benchmark in quick mode, as CI runs it: every field of its record is there; no speed is asserted."""
+
+import json
+from pathlib import Path
+
+from casalimpia.bench import RECORD_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
+    ray_local, load_job, tmp_path, capsys, monkeypatch
+):
+    record_file = tmp_path / "BENCHMARKS.md"
+    record_file.write_text("# Benchmarks\n\nNotes above the table stay.\n\n## Runs\n\n")
+    monkeypatch.chdir(ROOT)
+    arguments = ["--config", "configs/bench_demo.yaml", "--quick", "--output", str(tmp_path / "bench")]
+    assert load_job("bench").main([*arguments, "--set", f"record={record_file}"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage alone:" in printed and "naive baseline:" in printed
+
+    assert (tmp_path / "bench" / "config.yaml").exists()
+    [path] = (tmp_path / "bench").glob("bench-*.json")
+    record = json.loads(path.read_text())
+    assert set(RECORD_FIELDS) <= record.keys()
+    assert {"name", "type", "dtype", "memory_gb"} <= record["device"].keys()
+    assert {"python", "torch", "diffusers", "ray", "casalimpia"} <= record["versions"].keys()
+    job = record["job"]
+    assert job["photos"] == job["ok"] == job["painted"] == 8, "quick mode paints two batches of four"
+    # Two batches are too few to tell a rate once started: those figures may be missing, never wrong.
+    assert {"seconds", "images_per_second", "steady_images_per_second", "efficiency"} <= job.keys()
+    assert record["stage"]["images_per_second"] > 0 and record["stage"]["unet_tflop_per_image"] > 0
+    assert record["masking"]["images_per_second"] > 0
+    assert record["baseline"]["images_per_second"] > 0 and "job_speedup" in record["baseline"]
+    assert record["gpu"] is None and record["scaling"] == [], "CPU run: no GPU figures, no sweep in quick mode"
+    assert record["settings"]["quick"] is True
+
+    lines = record_file.read_text().splitlines()
+    assert "Notes above the table stay." in lines
+    assert lines[-1].startswith("| ") and "tiny" in lines[-1] and "(quick)" in lines[-1]
