@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 RECORD_FIELDS = ("time", "device", "versions", "settings", "job", "stage", "masking", "baseline", "gpu", "scaling")
 SCALING_PHOTO_SIZE = (128, 96)
+MIN_STEADY_ARRIVALS = 4
 
 
 def run(config: BenchConfig) -> dict[str, Any]:
@@ -146,14 +147,18 @@ def steady_rate(progress: list[tuple[float, int]]) -> float | None:
     """Photos per second after the first quarter of them arrived, which a catalogue of millions runs at.
 
     Leaving out the first quarter leaves out the start-up (actors, model loading) and the burst of
-    rows that were already done when the first arrived. None when the run is too short to tell.
+    rows that were already done when the first arrived. None when fewer than MIN_STEADY_ARRIVALS
+    arrivals follow that mark: rows come a batch at a time, often several at once, and a rate over
+    two or three arrivals measures those bursts, not the job.
     """
     if not progress:
         return None
     total = progress[-1][1]
-    mark = next((seconds, done) for seconds, done in progress if done >= total / 4)
-    photos, seconds = total - mark[1], progress[-1][0] - mark[0]
-    return photos / seconds if photos and seconds > 0 else None
+    index = next(i for i, (_, done) in enumerate(progress) if done >= total / 4)
+    if len(progress) - 1 - index < MIN_STEADY_ARRIVALS:
+        return None
+    (start, started_with), (end, _) = progress[index], progress[-1]
+    return (total - started_with) / (end - start) if end > start else None
 
 
 def load_batches(root: str, job_uri: str, names: list[str], batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
-from casalimpia.bench import RECORD_FIELDS
+import pytest
+
+from casalimpia.bench import RECORD_FIELDS, steady_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +40,12 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     lines = record_file.read_text().splitlines()
     assert "Notes above the table stay." in lines
     assert lines[-1].startswith("| ") and "tiny" in lines[-1] and "(quick)" in lines[-1]
+
+
+def test_steady_rate_leaves_out_the_start_and_refuses_to_guess_from_bursts():
+    # Start-up until 9 s, then a batch of four every half second: 8 photos per second once started.
+    regular = [(9.0 + 0.5 * i, 4 * (i + 1)) for i in range(16)]
+    assert steady_rate(regular) == pytest.approx(8.0)
+    # Two arrivals, the second a burst of rows already done: no rate rather than a wrong one.
+    assert steady_rate([(10.0, 4), (10.01, 8)]) is None
+    assert steady_rate([]) is None
