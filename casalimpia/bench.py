@@ -57,8 +57,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
     root = os.path.abspath(config.output)
     os.makedirs(root, exist_ok=True)
     Path(root, "config.yaml").write_text(to_yaml(config))
-    names = write_photos(root, config.photos, tuple(config.photo_size), seed=0)
-    job = measure_job(config, root, os.path.join(root, "job"))
+    width, height = config.photo_size
+    rooms = os.path.join(root, f"rooms-{width}x{height}")
+    names = write_photos(rooms, config.photos, (width, height), seed=0)
+    job = measure_job(config, rooms, os.path.join(rooms, "job"))
     if job["painted"] < job["photos"]:
         log.warning(
             "only %d of %d photos have furniture to paint: the rates overstate painting speed "
@@ -66,7 +68,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             job["painted"],
             job["photos"],
         )
-    batches = load_batches(root, os.path.join(root, "job"), names, config.inpaint.batch_size)
+    batches = load_batches(rooms, os.path.join(rooms, "job"), names, config.inpaint.batch_size)
     stage, gpu = measure_stage(config, batches, placement)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -102,7 +104,8 @@ def effective(config: BenchConfig) -> BenchConfig:
 def write_photos(root: str, count: int, size: tuple[int, int], seed: int) -> list[str]:
     """Synthetic furnished rooms as root/photos/*.jpg and their furniture masks as root/masks/*.jpg.png.
 
-    Files already there are kept, so repeated runs time the same photos; returns the photo names.
+    Files already there are kept, so repeated runs time the same photos (a folder holds one size);
+    returns the photo names, which sort in the order they were made.
     """
     names = [f"room_{i:05d}.jpg" for i in range(count)]
     for i, name in enumerate(names):
@@ -116,20 +119,23 @@ def write_photos(root: str, count: int, size: tuple[int, int], seed: int) -> lis
     return names
 
 
-def job_config(config: BenchConfig, root: str, output_uri: str) -> DefurnishConfig:
-    """The de-furnishing job over root/photos with the benchmark's settings.
+def job_config(config: BenchConfig, root: str, output_uri: str, photos: int) -> DefurnishConfig:
+    """The de-furnishing job over the first ``photos`` of root/photos with the benchmark's settings.
 
-    It overwrites, so every run paints every photo; without ``segment`` it reads root/masks.
+    It overwrites, so every run paints every photo; without ``segment`` it reads root/masks. The
+    limit leaves out photos an earlier, larger run left in the folder.
     """
     sections = {name: getattr(config, name) for name in ("decode", "masking", "inpaint", "write", "ray")}
     if not config.segment:
         sections["masking"] = dataclasses.replace(config.masking, masks=f"{root}/masks")
-    return DefurnishConfig(input=f"{root}/photos", output=output_uri, overwrite=True, report_samples=0, **sections)
+    return DefurnishConfig(
+        input=f"{root}/photos", output=output_uri, overwrite=True, limit=photos, report_samples=0, **sections
+    )
 
 
 def measure_job(config: BenchConfig, root: str, output_uri: str) -> dict[str, Any]:
     """The whole job over root/photos: its overall rate, and its rate once started."""
-    summary = execute(prepare(job_config(config, root, output_uri)))
+    summary = execute(prepare(job_config(config, root, output_uri, config.photos)))
     rows = read_manifest(output_uri)
     fractions = [row["mask_fraction"] for row in rows if row["status"] == "ok"]
     return {
@@ -301,7 +307,7 @@ def paint_whole_photo(pipe: Any, inpaint: Any, image: np.ndarray, mask: np.ndarr
 def measure_scale(config: BenchConfig, size: int, root: str) -> dict[str, Any]:
     """The whole job over ``size`` small photos: planning (listing, resume check), the run, and a rerun."""
     names = write_photos(root, size, SCALING_PHOTO_SIZE, seed=1_000)
-    job = job_config(config, root, os.path.join(root, "out"))
+    job = job_config(config, root, os.path.join(root, "out"), size)
     start = time.perf_counter()
     plan = prepare(job)
     plan_seconds = time.perf_counter() - start

@@ -647,8 +647,8 @@ class BenchConfig:
 
     output: str = "outputs/bench"
     """Local folder the synthetic photos, the job's outputs, config.yaml and the JSON records go under."""
-    record: str = "BENCHMARKS.md"
-    """Markdown file a row of results is appended to; empty appends nothing."""
+    record: str | None = "BENCHMARKS.md"
+    """Markdown file a row of results is appended to; unset (``--set record=``) appends nothing."""
     quick: bool = False
     """Two batches, one baseline photo, no scaling sweep: checks that everything runs (CI)."""
     photos: int = 64
