@@ -145,3 +145,25 @@ def test_random_full_inpainting_pipeline_on_cpu(caplog, monkeypatch):
     ).input_ids
     assert ids.shape == (1, 77) and int(ids.max()) < pipe.text_encoder.config.vocab_size
     del pipe
+
+
+@pytest.mark.gpu
+def test_random_full_models_paint_and_segment_on_the_gpu():
+    """What configs/bench.yaml runs, once, on the accelerator: both full-size models in bf16/fp16."""
+    import numpy as np
+
+    from casalimpia.config import InpaintConfig, MaskingConfig
+    from casalimpia.inpainting import Inpainter
+    from casalimpia.masking import FurnitureMasker
+    from casalimpia.synthetic import render_room
+
+    if not torch.accelerator.is_available():
+        pytest.skip("needs a GPU")
+    room = render_room(0, 768, 512)
+    painter = Inpainter(InpaintConfig(model=RANDOM_FULL, resolution=512, steps=2, batch_size=1))
+    assert next(painter.pipe.unet.parameters()).dtype in (torch.bfloat16, torch.float16)
+    [painted] = painter.paint([room.furnished], [room.mask], ["room.png"])
+    assert painted.shape == room.furnished.shape
+    assert np.array_equal(painted[~room.mask], room.furnished[~room.mask])
+    [mask] = FurnitureMasker(MaskingConfig(model=RANDOM_FULL)).segment([room.furnished])
+    assert mask.shape == room.mask.shape
