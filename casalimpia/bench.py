@@ -77,7 +77,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "settings": settings(config),
         "job": job,
         "stage": stage,
-        "masking": measure_masking(config, batches),
+        "masking": measure_masking(config, batches, placement),
         "baseline": measure_baseline(config, batches, placement),
         "gpu": gpu,
         "scaling": [measure_scale(config, size, os.path.join(root, f"scaling-{size}")) for size in config.scaling],
@@ -255,7 +255,7 @@ def unet_flops_per_image(pipe: Any, config: BenchConfig) -> float:
     return float(counter.get_total_flops()) * evaluations * guidance
 
 
-def measure_masking(config: BenchConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def measure_masking(config: BenchConfig, batches: list[dict[str, np.ndarray]], placement: Any) -> dict[str, Any]:
     """The FurnitureMasker alone on the decoded photos."""
     from casalimpia.masking import FurnitureMasker
 
@@ -265,7 +265,7 @@ def measure_masking(config: BenchConfig, batches: list[dict[str, np.ndarray]]) -
     ]
     rate, seconds = timed_rate(masker, unmasked)
     del masker
-    release_memory(torch.cuda.is_available())
+    release_memory(placement.device.type == "cuda")
     return {"images_per_second": rate, "seconds": seconds}
 
 

@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from casalimpia import storage
 from casalimpia.classes import ADE20K_CLASSES
-from casalimpia.config import RANDOM_FULL, TINY
+from casalimpia.config import RANDOM_FULL, RANDOM_WEIGHTS, TINY
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def check_available(reference: str, role: str) -> None:
 
     ``role`` is the config key that named the model, so the message says what to change.
     """
-    if reference in (TINY, RANDOM_FULL):
+    if reference in RANDOM_WEIGHTS:
         return
     if storage.is_s3(reference) or reference.startswith("file://"):
         try:
@@ -298,11 +298,6 @@ def tiny_inpainting_pipeline() -> Any:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def count_parameters(module: Any) -> int:
-    """Number of parameters of a torch module (works on the meta device too)."""
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def _warn_random_full(what: str) -> None:

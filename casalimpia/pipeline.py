@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from casalimpia import configure_logging, storage
+from casalimpia import configure_logging, faults, storage
 from casalimpia.config import (
     MANIFEST_EVERY,
     RANDOM_WEIGHTS,
@@ -499,7 +499,6 @@ def build_dataset(plan: Plan) -> Any:
     """The lazy Ray Dataset of manifest rows for the photos to do."""
     import ray
 
-    from casalimpia import faults
     from casalimpia.inpainting import Inpainter
     from casalimpia.masking import ResidualFurniture
 
@@ -557,8 +556,6 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
     The settled rows go in first and every streamed row is persisted as it arrives, so an
     interrupted run resumes from what was written; the dataset is only built when there is work.
     """
-    from casalimpia import faults
-
     config = plan.config
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     manifest = ManifestWriter(config.output, plan.run_id, schema, config.manifest_every)

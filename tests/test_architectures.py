@@ -17,7 +17,6 @@ from casalimpia.models import (
     SD2_INPAINTING_DIR,
     Placement,
     check_available,
-    count_parameters,
     load_inpainting_pipeline,
     load_segmenter,
     oneformer_swin_large,
@@ -72,22 +71,22 @@ def test_configs_load():
 
 def test_sd2_inpainting_unet(sd2_on_meta):
     unet = sd2_on_meta["unet"]
-    assert count_parameters(unet) == pytest.approx(UNET_PARAMETERS, rel=1e-4)
+    assert unet.num_parameters() == pytest.approx(UNET_PARAMETERS, rel=1e-4)
     assert unet.conv_in.in_channels == 9 and unet.conv_out.out_channels == 4
     assert unet.config.cross_attention_dim == 1024 and unet.conv_in.weight.device.type == "meta"
 
 
 def test_sd2_inpainting_vae_and_text_encoder(sd2_on_meta):
-    assert count_parameters(sd2_on_meta["vae"]) == pytest.approx(VAE_PARAMETERS, rel=1e-4)
+    assert sd2_on_meta["vae"].num_parameters() == pytest.approx(VAE_PARAMETERS, rel=1e-4)
     text_encoder = sd2_on_meta["text_encoder"]
-    assert count_parameters(text_encoder) == pytest.approx(TEXT_ENCODER_PARAMETERS, rel=1e-4)
+    assert text_encoder.num_parameters() == pytest.approx(TEXT_ENCODER_PARAMETERS, rel=1e-4)
     assert text_encoder.get_input_embeddings().weight.shape == (49408, 1024)
     assert sum(type(module).__name__ == "CLIPEncoderLayer" for module in text_encoder.modules()) == 23
 
 
 def test_oneformer_swin_large():
     model = oneformer_swin_large("meta")
-    assert count_parameters(model) == pytest.approx(ONEFORMER_PARAMETERS, rel=0.01)
+    assert model.num_parameters() == pytest.approx(ONEFORMER_PARAMETERS, rel=0.01)
     assert _patch_embedding(model).shape == (192, 3, 4, 4)
     assert model.config.num_labels == 150
     assert [normalize_label(model.config.id2label[i]) for i in range(150)] == list(ADE20K_CLASSES)
@@ -133,9 +132,9 @@ def test_random_full_inpainting_pipeline_on_cpu(caplog, monkeypatch):
     assert pipe.safety_checker is None
     assert pipe.unet.conv_in.weight.shape == (320, 9, 3, 3) and pipe.unet.dtype == torch.float32
     assert pipe.unet.device.type == "cpu" and pipe.text_encoder.device.type == "cpu"
-    assert count_parameters(pipe.unet) == UNET_PARAMETERS
-    assert count_parameters(pipe.vae) == VAE_PARAMETERS and pipe.vae.config.scaling_factor == 0.18215
-    assert count_parameters(pipe.text_encoder) == TEXT_ENCODER_PARAMETERS
+    assert pipe.unet.num_parameters() == UNET_PARAMETERS
+    assert pipe.vae.num_parameters() == VAE_PARAMETERS and pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.text_encoder.num_parameters() == TEXT_ENCODER_PARAMETERS
     ids = pipe.tokenizer(
         "an empty room, bare floor, bare walls, nothing in the room, clean minimalist interior, real estate photos",
         padding="max_length",

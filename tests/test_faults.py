@@ -25,19 +25,6 @@ from casalimpia.pipeline import execute, prepare, read_manifest
 from casalimpia.synthetic import write_demo_rooms
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "masking.model=tiny",
-    "masking.resolution=64",
-    "masking.batch_size=2",
-    "inpaint.model=tiny",
-    "inpaint.resolution=64",
-    "inpaint.steps=2",
-    "inpaint.batch_size=2",
-    "ray.masking_cpus=0.25",
-    "ray.inpainting_cpus=0.25",
-    "ray.io_cpus=0.25",
-    "ray.inpainting_actors=2",
-]
 PHOTOS = 8
 BAD = {"broken/empty.jpg": b"", "broken/text.jpg": b"<html>not a photo</html>", "broken/notes.txt": b"hello"}
 
@@ -52,7 +39,7 @@ def write_catalogue(uri: str, staging: Path) -> list[str]:
 
 
 def job_config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(ROOT / "configs/demo.yaml", [*TINY, *extra], values={"input": input_uri, "output": output_uri})
+    return load_config(ROOT / "configs/demo.yaml", list(extra), values={"input": input_uri, "output": output_uri})
 
 
 def outputs(output_uri: str) -> dict[str, bytes]:
@@ -137,7 +124,7 @@ def test_driver_killed_mid_run_then_rerun_finishes_the_rest(fault_free, load_job
     input_dir, inputs, expected = fault_free
     out = tmp_path / "out"
     arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
-    arguments += [f"--set={override}" for override in [*TINY, "manifest_every=2"]]
+    arguments += ["--set=manifest_every=2"]
     # A driver process on the session's cluster, which outlives it as a real cluster would. It dies
     # (os._exit: no cleanup) right after persisting its first processed rows, while the rest of its
     # photos are still in flight; waiting for that from here would race a fast run.
