@@ -3,8 +3,10 @@ and how far both are from the naive way of calling diffusers.
 
 One run measures, on whatever device is present:
 
-    job       read, decode, mask, inpaint, write on Ray Data over ``photos`` synthetic JPEGs
-    stage     the Inpainter alone, in this process, on the same decoded photos and the job's masks
+    job       read, decode, mask, crop, inpaint, blend, write on Ray Data over ``photos`` synthetic JPEGs
+    stage     the Inpainter alone, in this process, on the crops of the same photos and the job's masks;
+              optionally again with each of ``variants``' speed settings switched on
+    host      the CPU work the job keeps off the painting actors, per image: cropping and blending back
     masking   the FurnitureMasker alone on the same photos, to size the two pools against each other
     baseline  diffusers' pipeline called once per photo in fp32: no Ray, no batching, no crop
     gpu       on a GPU: the UNet's model FLOP utilisation, peak memory, cost per 1,000 images
@@ -35,6 +37,7 @@ import torch
 from casalimpia import storage
 from casalimpia.config import BenchConfig, DefurnishConfig, to_yaml
 from casalimpia.images import decode_image, decode_mask, encode_image, encode_mask
+from casalimpia.inpainting import blend_painted, crop_for_painting, to_paint
 from casalimpia.pipeline import execute, object_array, prepare, read_manifest
 from casalimpia.synthetic import render_room
 
@@ -42,7 +45,19 @@ log = logging.getLogger(__name__)
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by GPU name, for model FLOP utilisation.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-RECORD_FIELDS = ("time", "device", "versions", "settings", "job", "stage", "masking", "baseline", "gpu", "scaling")
+RECORD_FIELDS = (
+    "time",
+    "device",
+    "versions",
+    "settings",
+    "job",
+    "stage",
+    "host",
+    "masking",
+    "baseline",
+    "gpu",
+    "scaling",
+)
 SCALING_PHOTO_SIZE = (128, 96)
 MIN_STEADY_ARRIVALS = 4
 
@@ -69,7 +84,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             job["photos"],
         )
     batches = load_batches(rooms, os.path.join(rooms, "job"), names, config.inpaint.batch_size)
-    stage, gpu = measure_stage(config, batches, placement)
+    cropped = [crop_for_painting(batch, config=config.inpaint) for batch in batches]
+    stage, gpu = measure_stage(config, cropped, placement)
+    stage["variants"] = [measure_variant(config, cropped, name, stage, placement) for name in config.variants]
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": describe_device(placement),
@@ -77,6 +94,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "settings": settings(config),
         "job": job,
         "stage": stage,
+        "host": measure_host(config, batches),
         "masking": measure_masking(config, batches, placement),
         "baseline": measure_baseline(config, batches, placement),
         "gpu": gpu,
@@ -194,33 +212,40 @@ def load_batches(root: str, job_uri: str, names: list[str], batch_size: int) -> 
     return batches
 
 
-def timed_rate(stage: Any, batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
-    """Images per second of stage over the batches after the first (a warm-up), and the seconds timed.
+def timed_rate(stage: Any, batches: list[dict[str, np.ndarray]]) -> tuple[float, float, float]:
+    """Images per second of stage over the batches after the first, the seconds timed, and the first's seconds.
 
-    With a single batch, that batch is run again for the timing.
+    The first batch is a warm-up (lazy initialisation, kernel selection, compilation); with a single
+    batch, that batch is run again for the timing.
     """
+    start = time.perf_counter()
     stage(batches[0])
+    warmup = time.perf_counter() - start
     timed = batches[1:] or batches
     start = time.perf_counter()
     for batch in timed:
         stage(batch)
     seconds = time.perf_counter() - start
-    return sum(len(batch["source"]) for batch in timed) / seconds, seconds
+    return sum(len(batch["source"]) for batch in timed) / seconds, seconds, warmup
 
 
 def measure_stage(
     config: BenchConfig, batches: list[dict[str, np.ndarray]], placement: Any
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The Inpainter alone on the decoded batches; on a GPU also its FLOP utilisation and peak memory."""
-    from casalimpia.inpainting import Inpainter
-
+    """The Inpainter alone on the cropped batches, with the config's speed settings; on a GPU also its
+    FLOP utilisation and peak memory."""
     cuda = placement.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    inpainter = Inpainter(config.inpaint, config.ray.dtype)
-    rate, seconds = timed_rate(inpainter, batches)
+    inpainter = make_inpainter(config)
+    rate, seconds, warmup = timed_rate(inpainter, batches)
     flops = unet_flops_per_image(inpainter.pipe, config)
-    stage = {"images_per_second": rate, "seconds": seconds, "unet_tflop_per_image": flops / 1e12}
+    stage = {
+        "images_per_second": rate,
+        "seconds": seconds,
+        "warmup_seconds": warmup,
+        "unet_tflop_per_image": flops / 1e12,
+    }
     gpu = None
     if cuda:
         peak = next((value for name, value in PEAK_FLOPS.items() if name in torch.cuda.get_device_name()), None)
@@ -236,6 +261,62 @@ def measure_stage(
     return stage, gpu
 
 
+def make_inpainter(config: BenchConfig) -> Any:
+    """The Inpainter as the job's painting actors make it."""
+    from casalimpia.inpainting import Inpainter
+
+    resources = config.ray
+    return Inpainter(
+        config.inpaint,
+        resources.dtype,
+        channels_last=resources.channels_last,
+        compile_unet=resources.compile_unet,
+    )
+
+
+def measure_variant(
+    config: BenchConfig, batches: list[dict[str, np.ndarray]], name: str, stage: dict[str, Any], placement: Any
+) -> dict[str, Any]:
+    """The stage alone again with the speed settings ``name`` names switched on, against the plain stage.
+
+    ``payback_images`` is how many images the faster rate takes to win back the longer warm-up (a
+    compile, say): above a job's photos per actor the setting does not pay; None when it is not faster.
+    """
+    speed = dict.fromkeys(name.split("+"), True)
+    switched = dataclasses.replace(config, variants=[], ray=dataclasses.replace(config.ray, **speed))
+    inpainter = make_inpainter(switched)
+    rate, seconds, warmup = timed_rate(inpainter, batches)
+    del inpainter
+    release_memory(placement.device.type == "cuda")
+    saving = 1 / stage["images_per_second"] - 1 / rate
+    extra = warmup - stage["warmup_seconds"]
+    return {
+        "name": name,
+        "images_per_second": rate,
+        "seconds": seconds,
+        "warmup_seconds": warmup,
+        "speedup": rate / stage["images_per_second"],
+        "payback_images": max(0.0, extra / saving) if saving > 0 else None,
+    }
+
+
+def measure_host(config: BenchConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Milliseconds per painted image of the CPU work on either side of the painting actors, in one thread.
+
+    Blending is timed on the unpainted crops, which cost what painted ones do.
+    """
+    painted = max(1, sum(len(to_paint(batch)) for batch in batches))
+    start = time.perf_counter()
+    cropped = [crop_for_painting(batch, config=config.inpaint) for batch in batches]
+    crop_seconds = time.perf_counter() - start
+    unpainted = [{**batch, "painted": batch["model_image"]} for batch in cropped]
+    start = time.perf_counter()
+    for batch in unpainted:
+        blend_painted(batch, feather=config.inpaint.feather)
+    blend_seconds = time.perf_counter() - start
+    return {"crop_ms_per_image": 1000 * crop_seconds / painted, "blend_ms_per_image": 1000 * blend_seconds / painted}
+
+
 def unet_flops_per_image(pipe: Any, config: BenchConfig) -> float:
     """FLOPs the UNet spends on one image: one counted forward at the painting size, times its evaluations.
 
@@ -243,7 +324,7 @@ def unet_flops_per_image(pipe: Any, config: BenchConfig) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = pipe.unet
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # count the eager module, not a compiled wrapper
     side = config.inpaint.resolution // pipe.vae_scale_factor
     parameter = next(unet.parameters())
     sample = torch.zeros(1, unet.config.in_channels, side, side, device=parameter.device, dtype=parameter.dtype)
@@ -263,7 +344,7 @@ def measure_masking(config: BenchConfig, batches: list[dict[str, np.ndarray]], p
     unmasked = [
         {key: value for key, value in batch.items() if key not in ("mask", "mask_fraction")} for batch in batches
     ]
-    rate, seconds = timed_rate(masker, unmasked)
+    rate, seconds, _ = timed_rate(masker, unmasked)
     del masker
     release_memory(placement.device.type == "cuda")
     return {"images_per_second": rate, "seconds": seconds}
@@ -375,6 +456,8 @@ def settings(config: BenchConfig) -> dict[str, Any]:
         "batch_size": inpaint.batch_size,
         "masking_batch_size": config.masking.batch_size,
         "dtype": resources.dtype,
+        "channels_last": resources.channels_last,
+        "compile_unet": resources.compile_unet,
         "masking_actors": resources.masking_actors,
         "inpainting_actors": resources.inpainting_actors,
         "masking_gpus": resources.masking_gpus,

@@ -174,9 +174,17 @@ class WriteConfig:
         _check(1 <= self.quality <= 100, "write.quality", "must be in [1, 100]")
 
 
+SPEED_SETTINGS = ("channels_last", "compile_unet")
+"""RayConfig's boolean speed settings of the painting actors, which the benchmark can compare."""
+
+
 @dataclass
 class RayConfig:
-    """Where the job runs and how much of the cluster each stage takes."""
+    """Where the job runs, how much of the cluster each stage takes, and how its models run there.
+
+    None of it changes which photos count as done: a rerun with other resources or speed settings
+    skips what an earlier run finished.
+    """
 
     address: str | None = None
     """Ray cluster address; unset uses RAY_ADDRESS or a running local cluster, else starts one."""
@@ -193,9 +201,13 @@ class RayConfig:
     inpainting_cpus: float = 1.0
     """CPUs per inpainting actor (use fractions on small machines)."""
     io_cpus: float = 1.0
-    """CPUs per read/decode and encode/write task."""
+    """CPUs per image task: read and decode, crop before painting, blend back, encode and write."""
     dtype: str = "auto"
     """Model dtype: 'auto' (bf16 or fp16 on a GPU, fp32 on CPU), 'bf16', 'fp16' or 'fp32'."""
+    channels_last: bool = False
+    """Keep the inpainting UNet and VAE in channels-last memory format (a GPU speed setting; see BENCHMARKS.md)."""
+    compile_unet: bool = False
+    """torch.compile the inpainting UNet in each actor: its first batches pay the compile time (see BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for key in ("masking_actors", "inpainting_actors"):
@@ -661,6 +673,9 @@ class BenchConfig:
     no furniture (the masking rate is measured on its own either way)."""
     baseline_photos: int = 4
     """Photos the naive baseline paints, one at a time in fp32 (it is slow)."""
+    variants: list[str] = field(default_factory=list)
+    """Speed settings to time the stage alone with, each switched on against the config as set: names of
+    ray's boolean speed settings (channels_last, compile_unet), '+' joining several."""
     scaling: list[int] = field(default_factory=list)
     """Catalogue sizes for the scaling sweep of the whole job (small photos); empty: no sweep."""
     price_per_hour: float = 3.0
@@ -684,6 +699,11 @@ class BenchConfig:
         ok = len(self.photo_size) == 2 and all(side >= self.decode.min_side for side in self.photo_size)
         _check(ok, "photo_size", f"must be [width, height], each at least decode.min_side ({self.decode.min_side})")
         _check(all(size >= 1 for size in self.scaling), "scaling", "sizes must be at least 1")
+        for variant in self.variants:
+            names = variant.split("+")
+            known = all(name in SPEED_SETTINGS for name in names)
+            _check(known, "variants", f"{variant!r}: each must join some of {list(SPEED_SETTINGS)} with '+'")
+            _check(not all(getattr(self.ray, name) for name in names), "variants", f"{variant!r} is already on in ray")
         _check(self.price_per_hour >= 0, "price_per_hour", "must be non-negative")
 
 

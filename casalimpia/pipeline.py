@@ -4,7 +4,8 @@
 to read) on the driver before any Ray work starts, and splits the catalogue into photos to do and
 photos already done. ``execute`` streams the photos to do through
 
-    read + decode (CPU tasks) -> FurnitureMasker pool -> Inpainter pool -> encode + write (CPU tasks)
+    read + decode (CPU tasks) -> FurnitureMasker pool -> crop (CPU tasks) -> Inpainter pool
+    -> blend + encode + write (CPU tasks)
 
 and collects the small manifest rows on the driver, persisting them as it goes, so an interrupted
 run resumes from what was written. Every listed file ends as exactly one manifest row.
@@ -499,14 +500,28 @@ def build_dataset(plan: Plan) -> Any:
     """The lazy Ray Dataset of manifest rows for the photos to do."""
     import ray
 
-    from casalimpia.inpainting import Inpainter
+    from casalimpia.inpainting import Inpainter, blend_painted, crop_for_painting
     from casalimpia.masking import ResidualFurniture
 
     config = plan.config
     resources = config.ray
     dataset = masked_photos(plan, rows_per_block=config.inpaint.batch_size)
+    # Cropping and blending run as CPU tasks on either side of the painting pool, so its GPU only paints.
+    dataset = dataset.map_batches(
+        crop_for_painting,
+        fn_kwargs={"config": config.inpaint},
+        batch_size=config.inpaint.batch_size,
+        num_cpus=resources.io_cpus,
+    )
     inpainter, inpainter_kwargs = faults.stage(
-        "inpainter", Inpainter, {"config": config.inpaint, "dtype": resources.dtype}
+        "inpainter",
+        Inpainter,
+        {
+            "config": config.inpaint,
+            "dtype": resources.dtype,
+            "channels_last": resources.channels_last,
+            "compile_unet": resources.compile_unet,
+        },
     )
     dataset = dataset.map_batches(
         inpainter,
@@ -515,6 +530,12 @@ def build_dataset(plan: Plan) -> Any:
         batch_size=config.inpaint.batch_size,
         num_cpus=resources.inpainting_cpus,
         num_gpus=resources.inpainting_gpus,
+    )
+    dataset = dataset.map_batches(
+        blend_painted,
+        fn_kwargs={"feather": config.inpaint.feather},
+        batch_size=config.inpaint.batch_size,
+        num_cpus=resources.io_cpus,
     )
     if config.qa.max_residual is not None:
         # The gate re-runs the segmenter, so its pool is sized like the masking one.

@@ -46,6 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         f"({job['painted']} photos painted, mean mask {job['mean_mask_fraction']:.1%})"
     )
     print(f"stage alone: {stage['images_per_second']:.2f} images/s; job efficiency {_format(job['efficiency'])}")
+    for variant in stage["variants"]:
+        print(
+            f"stage with {variant['name']}: {variant['images_per_second']:.2f} images/s "
+            f"({variant['speedup']:.2f}x), warm-up {variant['warmup_seconds']:.1f}s vs {stage['warmup_seconds']:.1f}s, "
+            f"pays back after {_format(variant['payback_images'])} images"
+        )
+    host = record["host"]
+    print(
+        f"host work off the painting actors: crop {host['crop_ms_per_image']:.1f} ms, "
+        f"blend {host['blend_ms_per_image']:.1f} ms per image"
+    )
     print(f"masking alone: {record['masking']['images_per_second']:.2f} images/s")
     print(
         f"naive baseline: {baseline['images_per_second']:.3f} images/s; job speed-up {_format(baseline['job_speedup'])}"

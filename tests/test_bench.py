@@ -17,9 +17,10 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     record_file.write_text("# Benchmarks\n\nNotes above the table stay.\n\n## Runs\n\n")
     monkeypatch.chdir(ROOT)
     arguments = ["--config", "configs/bench_demo.yaml", "--quick", "--output", str(tmp_path / "bench")]
-    assert load_job("bench").main([*arguments, "--set", f"record={record_file}"]) == 0
+    settings = ["--set", f"record={record_file}", "--set", "variants=[channels_last]"]
+    assert load_job("bench").main([*arguments, *settings]) == 0
     printed = capsys.readouterr().out
-    assert "stage alone:" in printed and "naive baseline:" in printed
+    assert "stage alone:" in printed and "naive baseline:" in printed and "stage with channels_last:" in printed
 
     assert (tmp_path / "bench" / "config.yaml").exists()
     [path] = (tmp_path / "bench").glob("bench-*.json")
@@ -31,7 +32,13 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     assert job["photos"] == job["ok"] == job["painted"] == 8, "quick mode paints two batches of four"
     # Two batches are too few to tell a rate once started: those figures may be missing, never wrong.
     assert {"seconds", "images_per_second", "steady_images_per_second", "efficiency"} <= job.keys()
-    assert record["stage"]["images_per_second"] > 0 and record["stage"]["unet_tflop_per_image"] > 0
+    stage = record["stage"]
+    assert stage["images_per_second"] > 0 and stage["unet_tflop_per_image"] > 0 and stage["warmup_seconds"] > 0
+    [variant] = stage["variants"]
+    assert variant["name"] == "channels_last"
+    assert variant["speedup"] == pytest.approx(variant["images_per_second"] / stage["images_per_second"])
+    assert variant["payback_images"] is None or variant["payback_images"] >= 0
+    assert record["host"]["crop_ms_per_image"] > 0 and record["host"]["blend_ms_per_image"] > 0
     assert record["masking"]["images_per_second"] > 0
     assert record["baseline"]["images_per_second"] > 0 and "job_speedup" in record["baseline"]
     assert record["gpu"] is None and record["scaling"] == [], "CPU run: no GPU figures, no sweep in quick mode"

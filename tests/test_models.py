@@ -1,5 +1,6 @@
 """Model placement, availability checks, the s3:// model cache and LoRA loading."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -79,23 +80,14 @@ def test_lora_changes_the_painted_pixels(tmp_path):
     save_tiny_lora(tmp_path / "lora")
     assert (tmp_path / "lora" / LORA_WEIGHTS).exists()
     room = render_room(3, 128, 96)
-    images, masks = np.empty(1, dtype=object), np.empty(1, dtype=object)
-    images[0], masks[0] = room.furnished, room.mask
-    batch = {
-        "source": np.array(["room.png"], dtype=object),
-        "image": images,
-        "mask": masks,
-        "mask_fraction": np.array([room.mask.mean()]),
-        "error": np.array([""], dtype=object),
-    }
+    photo = ([room.furnished], [room.mask], ["room.png"])
     base = InpaintConfig(model="tiny", resolution=64, steps=2)
-    plain = Inpainter(base)(batch)["image"][0]
-    folder = Inpainter(InpaintConfig(model="tiny", resolution=64, steps=2, lora=str(tmp_path / "lora")))(batch)
-    single_file = InpaintConfig(model="tiny", resolution=64, steps=2, lora=str(tmp_path / "lora" / LORA_WEIGHTS))
-    by_file = Inpainter(single_file)(batch)
-    assert not np.array_equal(folder["image"][0], plain)
-    assert np.array_equal(folder["image"][0], by_file["image"][0])
-    assert np.array_equal(folder["image"][0][~room.mask], room.furnished[~room.mask])
+    [plain] = Inpainter(base).paint(*photo)
+    [by_folder] = Inpainter(dataclasses.replace(base, lora=str(tmp_path / "lora"))).paint(*photo)
+    [by_file] = Inpainter(dataclasses.replace(base, lora=str(tmp_path / "lora" / LORA_WEIGHTS))).paint(*photo)
+    assert not np.array_equal(by_folder, plain)
+    assert np.array_equal(by_folder, by_file)
+    assert np.array_equal(by_folder[~room.mask], room.furnished[~room.mask])
 
 
 @pytest.mark.real_weights
