@@ -373,8 +373,17 @@ class SetupPainter:
     ``peak_memory_gb`` (the actor's peak accelerator memory so far; NaN on the CPU).
     """
 
-    def __init__(self, setup: SetupConfig, inpaint: InpaintConfig | None = None, dtype: str = "auto") -> None:
-        """``inpaint`` is the set-up's merged inpaint settings, needed for the diffusion method only."""
+    def __init__(
+        self,
+        setup: SetupConfig,
+        inpaint: InpaintConfig | None = None,
+        dtype: str = "auto",
+        *,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+    ) -> None:
+        """``inpaint`` is the set-up's merged inpaint settings, needed for the diffusion method only;
+        the speed settings are the de-furnishing job's (see RayConfig), so the timings are its."""
         self.setup = setup
         self.device = None
         self.inpainter = None
@@ -383,7 +392,7 @@ class SetupPainter:
 
             if inpaint is None:
                 raise ValueError("a diffusion set-up needs its inpaint settings")
-            self.inpainter = Inpainter(inpaint, dtype)
+            self.inpainter = Inpainter(inpaint, dtype, channels_last=channels_last, compile_unet=compile_unet)
             self.device = self.inpainter.pipe.device
         self.first_batch = True
 
@@ -543,7 +552,13 @@ def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: froz
     inpaint = config.setup_inpaint(name) if diffusion else None
     painted = examples.map_batches(
         SetupPainter,
-        fn_constructor_kwargs={"setup": setup, "inpaint": inpaint, "dtype": resources.dtype},
+        fn_constructor_kwargs={
+            "setup": setup,
+            "inpaint": inpaint,
+            "dtype": resources.dtype,
+            "channels_last": resources.channels_last,
+            "compile_unet": resources.compile_unet,
+        },
         compute=ray.data.ActorPoolStrategy(size=resources.inpainting_actors),
         batch_size=(inpaint or config.inpaint).batch_size,
         num_cpus=resources.inpainting_cpus,
