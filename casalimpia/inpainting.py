@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from casalimpia.config import InpaintConfig
+from casalimpia.masking import distance_to_outside
 from casalimpia.models import load_inpainting_pipeline, local_path, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def composite(original: np.ndarray, painted: np.ndarray, mask: np.ndarray, feath
             slice(max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])),
             slice(max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])),
         )
-        # OpenCV's exact Euclidean transform is ~6x faster than scipy's and equal to it to float32 precision.
-        distance = cv2.distanceTransform(mask[box].astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        distance = distance_to_outside(mask[box])
         weight = np.clip(distance[mask[box]].astype(np.float64) / feather, 0.0, 1.0)[:, None]
     else:
         weight = 1.0

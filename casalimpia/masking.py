@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,16 @@ TASK_PROMPT = "the task is semantic"
 Batch = dict[str, np.ndarray]
 
 
+def distance_to_outside(mask: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance of each pixel of a bool mask to the nearest pixel outside it (0 outside).
+
+    OpenCV's transform: equal to scipy's ``distance_transform_edt`` to float32 precision and several
+    times faster, which matters in the actors. The image border is not "outside": a mask without
+    any outside pixel gets distances larger than any photo.
+    """
+    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
 def refine_mask(mask: np.ndarray, *, dilation_px: float, min_component_px: int, fill_holes: bool) -> np.ndarray:
     """Drop connected regions smaller than min_component_px, fill enclosed holes, grow by dilation_px."""
     if min_component_px > 0 and mask.any():
@@ -47,7 +58,7 @@ def refine_mask(mask: np.ndarray, *, dilation_px: float, min_component_px: int, 
         mask = ndimage.binary_fill_holes(mask)
     if dilation_px > 0 and mask.any():
         # A Euclidean distance threshold grows the mask by a true disc, at any radius, in one pass.
-        mask = ndimage.distance_transform_edt(~mask) <= dilation_px
+        mask = distance_to_outside(~mask) <= dilation_px
     return mask
 
 

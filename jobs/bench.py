@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"stage alone: {stage['images_per_second']:.2f} images/s; job efficiency {_format(job['efficiency'])}")
     for variant in stage["variants"]:
+        payback = variant["payback_images"]
         print(
             f"stage with {variant['name']}: {variant['images_per_second']:.2f} images/s "
             f"({variant['speedup']:.2f}x), warm-up {variant['warmup_seconds']:.1f}s vs {stage['warmup_seconds']:.1f}s, "
-            f"pays back after {_format(variant['payback_images'])} images"
+            + ("never pays back" if payback is None else f"pays back after {payback:,.0f} images")
         )
     host = record["host"]
     print(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from casalimpia.classes import (
     ADE20K_CLASSES,
@@ -15,7 +16,7 @@ from casalimpia.classes import (
 )
 from casalimpia.config import MaskingConfig
 from casalimpia.images import encode_mask
-from casalimpia.masking import FurnitureMasker, mask_candidates, refine_mask
+from casalimpia.masking import FurnitureMasker, distance_to_outside, mask_candidates, refine_mask
 from casalimpia.synthetic import render_room
 
 
@@ -60,6 +61,15 @@ def test_refine_drops_specks_fills_holes_and_grows():
     assert refined[40, 40] and not refined[90, 90]
     grown = refine_mask(mask, dilation_px=3, min_component_px=5, fill_holes=True)
     assert grown[17, 40] and not grown[15, 40] and grown.sum() > refined.sum()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_distance_to_outside_is_the_exact_euclidean_distance(seed):
+    mask = render_room(seed, 160, 120).mask
+    mask[:30, :40] = True  # touching two borders, which do not count as outside
+    expected = ndimage.distance_transform_edt(mask)
+    assert np.allclose(distance_to_outside(mask), expected, atol=1e-4)
+    assert distance_to_outside(np.ones((8, 8), dtype=bool)).min() > 1e6, "no outside: farther than any photo"
 
 
 def test_mask_candidates():
