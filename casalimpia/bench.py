@@ -84,7 +84,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             job["photos"],
         )
     batches = load_batches(rooms, os.path.join(rooms, "job"), names, config.inpaint.batch_size)
-    cropped = [crop_for_painting(batch, config=config.inpaint) for batch in batches]
+    host, cropped = measure_host(config, batches)
     stage, gpu = measure_stage(config, cropped, placement)
     stage["variants"] = [measure_variant(config, cropped, name, stage, placement) for name in config.variants]
     record = {
@@ -94,7 +94,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "settings": settings(config),
         "job": job,
         "stage": stage,
-        "host": measure_host(config, batches),
+        "host": host,
         "masking": measure_masking(config, batches, placement),
         "baseline": measure_baseline(config, batches, placement),
         "gpu": gpu,
@@ -300,8 +300,11 @@ def measure_variant(
     }
 
 
-def measure_host(config: BenchConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Milliseconds per painted image of the CPU work on either side of the painting actors, in one thread.
+def measure_host(
+    config: BenchConfig, batches: list[dict[str, np.ndarray]]
+) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """Milliseconds per painted image of the CPU work on either side of the painting actors, in one
+    thread, and the cropped batches the painting stage takes.
 
     Blending is timed on the unpainted crops, which cost what painted ones do.
     """
@@ -309,12 +312,12 @@ def measure_host(config: BenchConfig, batches: list[dict[str, np.ndarray]]) -> d
     start = time.perf_counter()
     cropped = [crop_for_painting(batch, config=config.inpaint) for batch in batches]
     crop_seconds = time.perf_counter() - start
-    unpainted = [{**batch, "painted": batch["model_image"]} for batch in cropped]
     start = time.perf_counter()
-    for batch in unpainted:
-        blend_painted(batch, feather=config.inpaint.feather)
+    for batch in cropped:
+        blend_painted({**batch, "painted": batch["model_image"]}, feather=config.inpaint.feather)
     blend_seconds = time.perf_counter() - start
-    return {"crop_ms_per_image": 1000 * crop_seconds / painted, "blend_ms_per_image": 1000 * blend_seconds / painted}
+    host = {"crop_ms_per_image": 1000 * crop_seconds / painted, "blend_ms_per_image": 1000 * blend_seconds / painted}
+    return host, cropped
 
 
 def unet_flops_per_image(pipe: Any, config: BenchConfig) -> float:

@@ -773,8 +773,7 @@ def _example_row(example: dict[str, Any], names: list[str], previews: dict[tuple
     from casalimpia.report import overlay, thumbnail
 
     source, mask = example["source"], np.asarray(example["mask"], dtype=bool)
-    crop = crop_around(mask, context=_CROP_CONTEXT, min_side=min(mask.shape) // 2)
-    window = (slice(crop.top, crop.top + crop.height), slice(crop.left, crop.left + crop.width))
+    window = crop_around(mask, context=_CROP_CONTEXT, min_side=min(mask.shape) // 2).window
 
     def cell(rgb: np.ndarray | None) -> str:
         return "<td>not painted</td>" if rgb is None else f'<td><img src="{thumbnail(rgb[window])}"></td>'

@@ -54,6 +54,11 @@ class Crop:
     height: int
     width: int
 
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """The crop as an index into the photo's array."""
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
 
 def crop_around(mask: np.ndarray, *, context: float, min_side: int) -> Crop:
     """The window around the mask's bounding box plus context, as square as the photo allows."""
@@ -133,9 +138,8 @@ class ModelInput:
 def model_input(image: np.ndarray, mask: np.ndarray, config: InpaintConfig) -> ModelInput:
     """The square crop around a photo's mask, with context, scaled to the model's resolution."""
     crop = crop_around(mask, context=config.context, min_side=config.resolution)
-    window = (slice(crop.top, crop.top + crop.height), slice(crop.left, crop.left + crop.width))
     model_image, model_mask, content = letterbox(
-        Image.fromarray(image[window]), Image.fromarray(mask[window]), config.resolution
+        Image.fromarray(image[crop.window]), Image.fromarray(mask[crop.window]), config.resolution
     )
     return ModelInput(np.asarray(model_image), np.asarray(model_mask), crop, content)
 
@@ -145,9 +149,8 @@ def blend_back(
 ) -> np.ndarray:
     """The photo with the model's painted crop scaled back into its window and blended inside the mask."""
     tile = Image.fromarray(painted).crop((0, 0, *content)).resize((crop.width, crop.height), Image.Resampling.LANCZOS)
-    window = (slice(crop.top, crop.top + crop.height), slice(crop.left, crop.left + crop.width))
     full = image.copy()
-    full[window] = np.asarray(tile)
+    full[crop.window] = np.asarray(tile)
     return composite(image, full, mask, feather)
 
 
@@ -205,37 +208,34 @@ class Inpainter:
         """Load config.model on the resolved placement, or paint with ``pipeline`` when one is given.
 
         Training validation passes the pipeline it is training, so it measures what users will get.
-        ``channels_last`` and ``compile_unet`` are speed settings (see RayConfig); they apply to a
-        loaded pipeline only, never to one being trained.
+        ``channels_last`` and ``compile_unet`` are speed settings (see RayConfig), applied after any
+        LoRA is fused; training validation leaves them off.
         """
         self.config = config
         if pipeline is None:
             placement = resolve_placement(dtype)
             log.info("inpainting on %s", placement.reason)
             pipeline = load_inpainting_pipeline(config.model, placement)
-            if config.lora is not None:
-                self._load_lora(pipeline, config.lora, config.lora_scale)
-            speed_up(pipeline, channels_last=channels_last, compile_unet=compile_unet)
-        elif config.lora is not None:
-            self._load_lora(pipeline, config.lora, config.lora_scale)
         self.pipe = pipeline
         if config.scheduler != "default":
             import diffusers
 
             scheduler_cls = getattr(diffusers, _SCHEDULERS[config.scheduler])
             self.pipe.scheduler = scheduler_cls.from_config(self.pipe.scheduler.config)
+        if config.lora is not None:
+            self._load_lora(config.lora, config.lora_scale)
+        speed_up(self.pipe, channels_last=channels_last, compile_unet=compile_unet)
 
-    @staticmethod
-    def _load_lora(pipe: Any, uri: str, scale: float) -> None:
+    def _load_lora(self, uri: str, scale: float) -> None:
         if uri.endswith(".safetensors"):
             folder_uri, _, weight_name = uri.rpartition("/")
         else:
             folder_uri, weight_name = uri, LORA_WEIGHTS
         folder = local_path(folder_uri)
-        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="casalimpia")
+        self.pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="casalimpia")
         # Fusing folds the adapter into the UNet weights: inference then costs what the base model does.
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["casalimpia"])
-        pipe.unload_lora_weights()
+        self.pipe.fuse_lora(lora_scale=scale, adapter_names=["casalimpia"])
+        self.pipe.unload_lora_weights()
         log.info("LoRA %s fused at scale %.2f", uri, scale)
 
     def __call__(self, batch: Batch) -> Batch:
