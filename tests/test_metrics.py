@@ -205,12 +205,27 @@ def test_lpips_loads_a_cached_backbone_without_network(torch_home):
     assert all(torch.equal(loaded[name], features[name]) for name in features)
 
 
-def test_lpips_without_a_cached_backbone_is_seeded_and_warns_once(torch_home, caplog, monkeypatch):
-    # configure_logging() (run by the Ray fixtures) stops casalimpia's records reaching caplog's root handler.
-    monkeypatch.setattr(logging.getLogger("casalimpia"), "propagate", True)
-    with caplog.at_level(logging.WARNING, logger="casalimpia.metrics"):
+class _Records(logging.Handler):
+    """Keeps the records of the one logger it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_lpips_without_a_cached_backbone_is_seeded_and_warns_once(torch_home):
+    # A handler on the emitting logger itself sees each record once, whatever earlier tests did to the
+    # propagation and handlers of its parents (configure_logging, caplog).
+    logger, records = logging.getLogger("casalimpia.metrics"), _Records()
+    logger.addHandler(records)
+    try:
         first = LPIPS()
-    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    finally:
+        logger.removeHandler(records)
+    warnings = records.records
     assert not first.pretrained_backbone
     assert len(warnings) == 1
     assert "not with published LPIPS" in warnings[0].getMessage()
