@@ -102,8 +102,21 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run():
         trainer.train_batch(batch_of(room_pair()))
 
 
-def test_checkpoint_round_trip_and_the_lora_paints_in_the_defurnishing_inpainter(tmp_path):
-    config = tiny_config(optim__learning_rate=5e-2, optim__lr_scheduler="cosine", optim__warmup_steps=1)
+ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+# Attention and convolutions are keyed differently in diffusers' older LoRA format: the saved adapter must
+# load back whole either way, and with its alpha (which the weights' shapes cannot tell).
+@pytest.mark.parametrize("targets", [ATTENTION, [*ATTENTION, "conv1", "conv2"]], ids=["attention", "with_convs"])
+def test_checkpoint_round_trip_and_the_lora_paints_in_the_defurnishing_inpainter(tmp_path, targets):
+    config = tiny_config(
+        optim__learning_rate=5e-2,
+        optim__lr_scheduler="cosine",
+        optim__warmup_steps=1,
+        lora__rank=4,
+        lora__alpha=8,
+        lora__target_modules=targets,
+    )
     trainer = LoraTrainer(config, CPU, total_steps=8)
     for _ in range(4):
         trainer.train_batch(batch_of(room_pair()))

@@ -281,18 +281,21 @@ class LoraTrainer:
         scores = score(outputs, [pair.target for pair in pairs], [pair.mask for pair in pairs], lpips)
         return {f"val/{name}": value for name, value in scores.items()}, outputs
 
-    def lora_layers(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights in diffusers' format, as ``load_lora_weights`` reads them."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def save_lora(self, folder: str | Path) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` into folder: PEFT keys, the LoraConfig as metadata.
+
+        Not converted to diffusers' older key names: they exist for attention projections only, so an
+        adapter on convolutions too would be written in two formats, and the loader, reading the first
+        key, would drop the half in the other one. The metadata carries alpha, which shapes cannot.
+        """
+        from diffusers import StableDiffusionInpaintPipeline
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-
-    def save_lora(self, folder: str | Path) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` into folder."""
-        from diffusers import StableDiffusionInpaintPipeline
-
-        StableDiffusionInpaintPipeline.save_lora_weights(folder, unet_lora_layers=self.lora_layers())
+        StableDiffusionInpaintPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=get_peft_model_state_dict(self.unet),
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs: adapter, optimizer, schedule, scaler and counters."""
