@@ -1,6 +1,7 @@
 """PSNR, SSIM and LPIPS against closed forms and their defining properties; where LPIPS gets its backbone."""
 
 import logging
+import logging.handlers
 import math
 
 import numpy as np
@@ -205,27 +206,17 @@ def test_lpips_loads_a_cached_backbone_without_network(torch_home):
     assert all(torch.equal(loaded[name], features[name]) for name in features)
 
 
-class _Records(logging.Handler):
-    """Keeps the records of the one logger it is attached to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_lpips_without_a_cached_backbone_is_seeded_and_warns_once(torch_home):
     # A handler on the emitting logger itself sees each record once, whatever earlier tests did to the
     # propagation and handlers of its parents (configure_logging, caplog).
-    logger, records = logging.getLogger("casalimpia.metrics"), _Records()
+    logger, records = logging.getLogger("casalimpia.metrics"), logging.handlers.BufferingHandler(capacity=100)
+    records.setLevel(logging.WARNING)
     logger.addHandler(records)
     try:
         first = LPIPS()
     finally:
         logger.removeHandler(records)
-    warnings = records.records
+    warnings = records.buffer
     assert not first.pretrained_backbone
     assert len(warnings) == 1
     assert "not with published LPIPS" in warnings[0].getMessage()
