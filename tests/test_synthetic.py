@@ -1,4 +1,4 @@
-"""Tests for the synthetic room renderer and the demo-set writer."""
+"""Tests for the synthetic room renderer and the files written from it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import pytest
 from PIL import Image, ImageOps
 from scipy import ndimage
 
-from casalimpia import synthetic
-from casalimpia.synthetic import SyntheticRoom, main, render_room, write_demo_rooms
+from casalimpia.classes import ADE20K_CLASSES, MOVABLE, STRUCTURE
+from casalimpia.synthetic import (
+    HELD_OUT_SEED,
+    SyntheticRoom,
+    files,
+    main,
+    render,
+    render_room,
+    write_demo_rooms,
+    write_segmentation_pairs,
+)
 
 SEEDS = range(20)
 EXIF_ORIENTATION = 0x0112
@@ -97,6 +106,65 @@ def test_shadows_are_drawn_but_not_masked(rooms: dict[int, SyntheticRoom]) -> No
         assert shadow.sum() > 0.002 * room.mask.size
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_class_map_names_furniture_exactly_under_the_mask(rooms: dict[int, SyntheticRoom], seed: int) -> None:
+    room = rooms[seed]
+    assert room.classes.shape == room.mask.shape
+    assert room.classes.dtype == np.uint8
+    names = np.array(ADE20K_CLASSES)[room.classes]
+    assert np.array_equal(np.isin(names, MOVABLE), room.mask)
+    assert set(np.unique(names[~room.mask])) <= set(STRUCTURE)
+    # Every room is seen with its walls, floor, ceiling and window.
+    assert {"wall", "floor", "ceiling", "windowpane"} <= set(np.unique(names))
+
+
+def test_class_map_follows_the_painted_structure(rooms: dict[int, SyntheticRoom]) -> None:
+    names = {seed: np.array(ADE20K_CLASSES)[room.classes] for seed, room in rooms.items()}
+    with_door = [seed for seed in SEEDS if (names[seed] == "door").any()]
+    assert 3 <= len(with_door) < len(SEEDS)  # half the rooms get a door
+    for seed, room in rooms.items():
+        label = names[seed]
+        # The window sits in the back wall: wall on both sides of it on every row it spans.
+        for row in np.flatnonzero((label == "windowpane").any(axis=1)):
+            columns = np.flatnonzero(label[row] == "windowpane")
+            beside = label[row, [columns[0] - 1, min(columns[-1] + 1, label.shape[1] - 1)]]
+            assert set(beside) <= {"wall", *MOVABLE}
+        rows = np.arange(label.shape[0])[:, None].repeat(label.shape[1], axis=1)
+        assert rows[label == "floor"].mean() > rows[label == "ceiling"].mean()
+
+
+def test_shadow_map_is_the_darkening_outside_the_mask(rooms: dict[int, SyntheticRoom]) -> None:
+    for room in rooms.values():
+        assert room.shadow.shape == room.mask.shape
+        assert room.shadow.dtype == np.float32
+        assert room.shadow.min() >= 0.0 and room.shadow.max() < 1.0
+        outside = ~room.mask
+        changed = (room.furnished != room.empty).any(axis=-1) & outside
+        # Wherever the photos differ outside the furniture, a shadow is drawn there.
+        assert np.all(room.shadow[changed] > 0.0)
+        peak = room.shadow[outside].max()
+        deep = outside & (room.shadow > 0.5 * peak)
+        ratio = room.furnished[deep].astype(np.float32).mean() / room.empty[deep].astype(np.float32).mean()
+        assert ratio < 1.0 - 0.4 * peak
+
+
+def test_segmentation_pairs_are_photos_with_their_class_maps(tmp_path: Path) -> None:
+    names = write_segmentation_pairs(tmp_path, count=3, seed=4, size=(64, 48))
+    assert names == ["room_00000.png", "room_00001.png", "room_00002.png"]
+    for i, name in enumerate(names):
+        room = render_room(4 + i, 64, 48)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)), room.furnished)
+        label = Image.open(tmp_path / "labels" / name)
+        assert label.mode == "L"
+        assert np.array_equal(np.asarray(label), room.classes)
+
+
+def test_training_files_never_reach_into_the_held_out_seeds(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="held-out"):
+        write_segmentation_pairs(tmp_path, count=2, seed=HELD_OUT_SEED - 1)
+    assert write_segmentation_pairs(tmp_path, count=1, seed=HELD_OUT_SEED, size=(32, 24))
+
+
 def test_demo_writes_expected_mix(demo: tuple[Path, list[Path]]) -> None:
     folder, paths = demo
     assert len(paths) == len(set(paths)) == 8
@@ -117,14 +185,14 @@ def test_demo_has_one_sideways_jpeg_with_exif_orientation(demo: tuple[Path, list
     assert len(rotated) == 1
     path = rotated[0]
     index = paths.index(path)
-    spec = synthetic._DEMO_FILES[index]
+    spec = files._DEMO_FILES[index]
     stored = Image.open(path)
     assert stored.format == "JPEG"
     assert stored.size == spec.size[::-1]
     upright = ImageOps.exif_transpose(stored)
     assert upright.size == spec.size
     # Compare with the upright render itself, so a 180-degree mistake shows.
-    expected = synthetic._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
+    expected = render._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
     error = np.abs(np.asarray(upright.convert("RGB"), dtype=np.int16) - expected).mean()
     flipped = np.abs(np.asarray(upright.convert("RGB"), dtype=np.int16) - expected[::-1, ::-1]).mean()
     assert error < 4.0 < flipped
@@ -133,8 +201,8 @@ def test_demo_has_one_sideways_jpeg_with_exif_orientation(demo: tuple[Path, list
 def test_demo_lossless_file_matches_render(demo: tuple[Path, list[Path]]) -> None:
     _, paths = demo
     index = next(i for i, path in enumerate(paths) if path.suffix == ".png")
-    spec = synthetic._DEMO_FILES[index]
-    expected = synthetic._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
+    spec = files._DEMO_FILES[index]
+    expected = render._render(np.random.default_rng(index), *spec.size, spec.kind).furnished
     assert np.array_equal(np.asarray(Image.open(paths[index]).convert("RGB")), expected)
 
 
@@ -149,3 +217,10 @@ def test_cli_writes_and_prints_paths(tmp_path: Path, capsys: pytest.CaptureFixtu
     printed = capsys.readouterr().out.split()
     assert len(printed) == 3
     assert all(Path(line).is_file() for line in printed)
+
+
+def test_cli_writes_label_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main([str(tmp_path), "--labels", "--count", "2"])
+    printed = capsys.readouterr().out.split()
+    assert [Path(line).name for line in printed] == ["room_00000.png", "room_00001.png"]
+    assert all((tmp_path / "labels" / Path(line).name).is_file() for line in printed)

@@ -1,43 +1,30 @@
-"""Synthetic room photos with exact furniture ground truth.
+"""The renderer: one furnished room photo with its exact ground truth.
 
-Real listing photos never come with the empty room next to them, so testing and
-evaluating furniture segmentation and inpainting needs rooms we build ourselves.
 :func:`render_room` ray-casts a box-shaped room seen by a pinhole camera standing
 against the front wall (one-point perspective: back wall, side walls, floor and
 ceiling), paints furniture on top as shaded 3-D boxes standing on the floor, and
-returns the furnished photo, the same room empty, and the exact furniture mask.
-Furniture shadows are drawn into the furnished photo only, so ``empty`` equals
-``furnished`` everywhere except under the mask and under those shadows.
+returns the furnished photo, the same room empty, the exact furniture mask, a
+per-pixel ADE20K class map and the furniture shadows. Shadows are drawn into the
+furnished photo only, so ``empty`` equals ``furnished`` everywhere except under
+the mask and under those shadows.
 
-:func:`write_demo_rooms` saves a small catalogue of furnished photos mixing the
-formats, sizes, EXIF orientations and folder layouts of a real listing export.
-The bundled demo set in ``casalimpia/data/demo_rooms`` was made with::
-
-    python -m casalimpia.synthetic casalimpia/data/demo_rooms --count 8
-
-:func:`write_room_pairs` writes rooms with their empty twins and exact masks; the bundled
-training demo data (``casalimpia/data/empty_rooms`` and ``casalimpia/data/mask_library``) was
-made with::
-
-    python -m casalimpia.synthetic /tmp/rooms --pairs --count 12 --seed 100
-    cp /tmp/rooms/empty/* casalimpia/data/empty_rooms/
-    python -m casalimpia.synthetic /tmp/furnished --pairs --count 8 --seed 200
-    python jobs/masks.py --config configs/masks_demo.yaml --input /tmp/furnished/furnished \\
-        --output casalimpia/data/mask_library --set masking.masks=/tmp/furnished/masks --set ring=4
+Seeds at or above :data:`HELD_OUT_SEED` are held out for evaluation: no model the
+project ships is trained or tuned on them, so quality figures measured there are
+figures on rooms the models have never seen. Training data uses seeds below it.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["SyntheticRoom", "main", "render_room", "write_demo_rooms", "write_room_pairs"]
+from casalimpia.classes import ADE20K_CLASSES
+
+__all__ = ["HELD_OUT_SEED", "SyntheticRoom", "render_room"]
 
 Colour = tuple[float, float, float]
 Point3 = tuple[float, float, float]
@@ -50,7 +37,14 @@ _SS = 2
 _MASK_FRACTION = (0.05, 0.35)
 _LAYOUT_ATTEMPTS = 40
 _KINDS = ("living", "bedroom", "dining")
-_EXIF_ORIENTATION = 0x0112
+_ARCHITRAVE = 0.07  # width of a door's trim, metres
+HELD_OUT_SEED = 1_000_000
+"""First seed reserved for held-out evaluation; nothing shipped is trained or tuned at or above it."""
+
+# ADE20K ids (0-indexed) of what the renderer draws, looked up by name so a typo cannot pass.
+_ADE20K_ID = {name: index for index, name in enumerate(ADE20K_CLASSES)}
+WALL, FLOOR, CEILING, WINDOWPANE, DOOR = (_ADE20K_ID[n] for n in ("wall", "floor", "ceiling", "windowpane", "door"))
+
 # numpy scalars are strongly typed: float64 ones would silently upcast the
 # float32 image math (and double its cost), so constants are spelled float32.
 _F32 = np.float32
@@ -118,11 +112,20 @@ class SyntheticRoom:
             furniture shadows; equal to ``furnished`` outside mask and shadows.
         mask: ``(H, W)`` bool, True exactly on the pixels covered by furniture
             (shadows are not furniture and are not in the mask).
+        classes: ``(H, W)`` uint8 ADE20K ids (0-indexed, as in the models' ``id2label``):
+            each furniture pixel is its piece's class (the frontmost piece where
+            pieces overlap), every other pixel the wall, floor, ceiling,
+            windowpane or door its centre sees. Furniture classes are exactly
+            where ``mask`` is True.
+        shadow: ``(H, W)`` float32 darkening in [0, 1) that furniture shadows
+            apply to the empty room (0 where nothing is shaded).
     """
 
     furnished: np.ndarray
     empty: np.ndarray
     mask: np.ndarray
+    classes: np.ndarray
+    shadow: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -225,11 +228,12 @@ class _Blob:
 
 @dataclass(frozen=True)
 class _Piece:
-    """One piece of furniture: its parts and floor footprint (x0, x1, z0, z1)."""
+    """One piece of furniture: its parts, floor footprint (x0, x1, z0, z1) and ADE20K class name."""
 
     parts: tuple[_Box | _Blob, ...]
     footprint: tuple[float, float, float, float]
     height: float
+    kind: str
 
     @property
     def near(self) -> float:
@@ -246,11 +250,16 @@ class _Painter:
     # Per id: base colour, shade at the top and bottom of the face, face top
     # and bottom (canvas rows), texture amplitude. Id 0 means "no furniture".
     faces: list[tuple[Colour, float, float, float, float, float]] = field(init=False)
+    # Per id: the ADE20K class of the piece the face belongs to.
+    face_classes: list[int] = field(init=False)
+    # Class of the piece being drawn; set by _draw_piece, recorded with each face added.
+    piece_class: int = field(init=False, default=WALL)
 
     def __post_init__(self) -> None:
         self.image = Image.new("I", self.size, 0)
         self.draw = ImageDraw.Draw(self.image)
         self.faces = [((0.0, 0.0, 0.0), 0.0, 0.0, 0.0, 1.0, 0.0)]
+        self.face_classes = [WALL]
 
     @staticmethod
     def canvas(uv: tuple[float, float]) -> tuple[float, float]:
@@ -259,6 +268,7 @@ class _Painter:
 
     def _add(self, colour: Colour, top: float, bottom: float, rows: Sequence[float], texture: float) -> int:
         self.faces.append((colour, top, bottom, min(rows), max(rows), texture))
+        self.face_classes.append(self.piece_class)
         return len(self.faces) - 1
 
     def polygon(
@@ -283,6 +293,18 @@ class _Painter:
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.image, dtype=np.int32)
+
+    def furniture_classes(self, labels: np.ndarray) -> np.ndarray:
+        """ADE20K class per output pixel of ``labels``, 255 where no furniture covers it.
+
+        Faces are numbered in drawing order, far to near, so the largest id among a
+        pixel's sub-samples is its frontmost piece.
+        """
+        front = np.maximum(
+            np.maximum(labels[0::2, 0::2], labels[1::2, 0::2]), np.maximum(labels[0::2, 1::2], labels[1::2, 1::2])
+        )
+        table = np.array([255, *self.face_classes[1:]], dtype=np.uint8)
+        return table[front]
 
     def colours(self, labels: np.ndarray, noise: np.ndarray) -> tuple[slice, slice, np.ndarray]:
         """Furniture colour averaged onto output pixels, over the labels' bounding box.
@@ -338,8 +360,12 @@ def _render(rng: np.random.Generator, width: int, height: int, kind: str) -> Syn
     rows, cols, furniture = painter.colours(labels, noise)
     furnished_lin[:, rows, cols] += furniture
 
+    mask = _block_any(covered)
+    classes = np.where(mask, painter.furniture_classes(labels), _structure_classes(room, cam, window, door))
     finish = _photo_finish(rng, width, height)
-    return SyntheticRoom(furnished=finish(furnished_lin), empty=finish(empty_lin), mask=_block_any(covered))
+    return SyntheticRoom(
+        furnished=finish(furnished_lin), empty=finish(empty_lin), mask=mask, classes=classes, shadow=shadow
+    )
 
 
 def _furnish(
@@ -642,6 +668,33 @@ def _paint_room(
     return out
 
 
+def _structure_classes(room: _Room, cam: _Camera, window: _Window, door: _Door | None) -> np.ndarray:
+    """ADE20K class of the room surface each pixel centre sees (what _paint_room shades there)."""
+    sx = (np.arange(cam.width, dtype=np.float32) + 0.5 - cam.cx) / cam.focal
+    sy = -(np.arange(cam.height, dtype=np.float32) + 0.5 - cam.cy) / cam.focal
+    with np.errstate(divide="ignore"):
+        side = np.where(sx < 0, room.left / sx, room.right / sx)[None, :]
+        vertical = np.where(sy < 0, room.floor / sy, room.ceiling / sy)[:, None]
+    floor_or_ceiling = np.where(sy < 0, FLOOR, CEILING)[:, None]
+    classes = np.where(side < vertical, WALL, floor_or_ceiling)
+    back = (side >= room.depth) & (vertical >= room.depth)
+    classes = np.where(back, WALL, classes).astype(np.uint8)
+
+    x = sx[None, :] * room.depth
+    h = sy[:, None] * room.depth - room.floor
+    in_window = (x >= window.x0) & (x <= window.x1) & (h >= window.h0) & (h <= window.h1)
+    classes[back & in_window] = WINDOWPANE
+    if door is not None:
+        wall_x = room.left if door.on_left else room.right
+        on_wall = ~back & (side < vertical) & ((sx < 0) if door.on_left else (sx > 0))[None, :]
+        with np.errstate(divide="ignore"):
+            z = (wall_x / sx)[None, :]
+        h = sy[:, None] * z - room.floor
+        in_door = (z > door.z0 - _ARCHITRAVE) & (z < door.z1 + _ARCHITRAVE) & (h < door.height + _ARCHITRAVE)
+        classes[on_wall & in_door] = DOOR
+    return classes
+
+
 def _paint_window(
     rgb: np.ndarray,
     x: np.ndarray,
@@ -685,13 +738,12 @@ def _paint_window(
 
 def _paint_door(rgb: np.ndarray, z: np.ndarray, h: np.ndarray, fp: np.ndarray, door: _Door, light: np.ndarray) -> None:
     """Paint a closed panelled door into a side wall's planar RGB; z and fp are row vectors."""
-    architrave = 0.07
-    cols = _span((z[0] > door.z0 - architrave) & (z[0] < door.z1 + architrave))
+    cols = _span((z[0] > door.z0 - _ARCHITRAVE) & (z[0] < door.z1 + _ARCHITRAVE))
     sub, dz, dh, fp = rgb[:, :, cols], z[:, cols], h[:, cols], fp[:, cols]
     lit = np.broadcast_to(light, h.shape)[:, cols]
     # The door's vertical edges fall on pixel columns; only the tops are slanted
     # in the image and need soft coverage.
-    trim = _coverage(door.height + architrave - dh, fp)
+    trim = _coverage(door.height + _ARCHITRAVE - dh, fp)
     sub *= 1.0 - trim[None]
     sub += _planar(door.trim) * (1.02 * lit * trim)[None]
     leaf = ((dz > door.z0) & (dz < door.z1)) * _coverage(door.height - dh, fp)
@@ -824,9 +876,10 @@ def _layout(rng: np.random.Generator, kind: str, room: _Room, cam: _Camera, door
     return pieces
 
 
-def _piece(parts: Sequence[_Box | _Blob]) -> _Piece:
+def _piece(parts: Sequence[_Box | _Blob], kind: str) -> _Piece:
     boxes = [p for p in parts if isinstance(p, _Box)]
     return _Piece(
+        kind=kind,
         parts=tuple(parts),
         footprint=(
             min(b.x0 for b in boxes),
@@ -868,7 +921,7 @@ def _sofa(rng: np.random.Generator, x0: float, w: float, z1: float, *, armchair:
         cx0 = x0 + arm_w + i * cushion
         parts.append(_Box(cx0, cx0 + cushion, base_top, seat, z0, z1 - 0.34, fabric, layer=3, texture=0.03))
         parts.append(_Box(cx0, cx0 + cushion, base_top, top - 0.05, z1 - 0.34, z1 - 0.2, fabric, layer=3, texture=0.03))
-    return _piece(parts)
+    return _piece(parts, "armchair" if armchair else "sofa")
 
 
 def _table(rng: np.random.Generator, x0: float, w: float, z0: float, z1: float, height: float) -> _Piece:
@@ -877,7 +930,7 @@ def _table(rng: np.random.Generator, x0: float, w: float, z0: float, z1: float, 
     top = rng.uniform(0.03, 0.05)
     parts: list[_Box | _Blob] = _legs(x0 + 0.04, x0 + w - 0.04, z0 + 0.04, z1 - 0.04, height - top, 0.05, legs)
     parts.append(_Box(x0, x0 + w, height - top, height, z0, z1, wood, layer=1, texture=0.015))
-    return _piece(parts)
+    return _piece(parts, "coffee table" if height < 0.6 else "table")
 
 
 def _chair(rng: np.random.Generator, x0: float, z0: float, colour: Colour, *, facing_x: int) -> _Piece:
@@ -893,7 +946,7 @@ def _chair(rng: np.random.Generator, x0: float, z0: float, colour: Colour, *, fa
     else:
         back = _Box(x0, x1, seat, 0.9, z1 - 0.04, z1, colour, layer=2)
     parts.append(back)
-    return _piece(parts)
+    return _piece(parts, "chair")
 
 
 def _bed(rng: np.random.Generator, x0: float, w: float, z1: float) -> _Piece:
@@ -917,7 +970,7 @@ def _bed(rng: np.random.Generator, x0: float, w: float, z1: float) -> _Piece:
     for i in range(count):
         px0 = x0 + 0.05 + i * pillow
         parts.append(_Box(px0 + 0.02, px0 + pillow - 0.02, 0.52, 0.68, z1 - 0.55, z1 - 0.12, linen, layer=3))
-    return _piece(parts)
+    return _piece(parts, "bed")
 
 
 def _cabinet(
@@ -941,7 +994,7 @@ def _cabinet(
     parts: list[_Box | _Blob] = [body]
     if leg > 0.03:
         parts += _legs(x0 + 0.03, x1 - 0.03, z0 + 0.03, z1 - 0.03, leg, 0.035, _jitter(rng, _scaled(colour, 0.5)))
-    return _piece(parts)
+    return _piece(parts, "chest of drawers" if drawers else "cabinet")
 
 
 def _side_cabinet(rng: np.random.Generator, room: _Room, on_left: bool, *, tall: bool) -> _Piece:
@@ -964,7 +1017,8 @@ def _side_cabinet(rng: np.random.Generator, room: _Room, on_left: bool, *, tall:
         zc = z0 + length * (i + 0.5) / doors
         lines.append(((front_x, 0.5 * height - 0.08, zc), (front_x, 0.5 * height + 0.08, zc)))
     colour = _pick(rng, _WOODS)
-    return _piece([_Box(x0, x0 + depth, 0.0, height, z0, z1, colour, texture=0.015, lines=tuple(lines))])
+    box = _Box(x0, x0 + depth, 0.0, height, z0, z1, colour, texture=0.015, lines=tuple(lines))
+    return _piece([box], "wardrobe" if tall else "cabinet")
 
 
 def _plant(rng: np.random.Generator, x: float, z: float) -> _Piece:
@@ -986,10 +1040,11 @@ def _plant(rng: np.random.Generator, x: float, z: float) -> _Piece:
                 _jitter(rng, leaf, 0.12),
             )
         )
-    return _piece(parts)
+    return _piece(parts, "plant")
 
 
 def _draw_piece(painter: _Painter, cam: _Camera, room: _Room, piece: _Piece, light_x: float) -> None:
+    painter.piece_class = _ADE20K_ID[piece.kind]
     # Within one piece: lower layers first, then far to near, then outside in,
     # which is a correct painter's order for the adjacent boxes we build.
     for part in sorted(piece.parts, key=lambda p: (p.layer, -p.near, -abs(p.centre_x))):
@@ -1095,105 +1150,3 @@ def _photo_finish(rng: np.random.Generator, width: int, height: int) -> Callable
         return np.ascontiguousarray(rgb.transpose(1, 2, 0))
 
     return finish
-
-
-@dataclass(frozen=True)
-class _DemoFile:
-    path: str
-    kind: str
-    size: tuple[int, int]  # (width, height) as shown upright
-    exif_rotated: bool = False
-
-
-# A listing export mixes folders, suffix spellings, formats, portrait shots and
-# phone photos whose pixels are stored sideways with an EXIF orientation tag.
-_DEMO_FILES: tuple[_DemoFile, ...] = (
-    _DemoFile("living/living_room_01.jpg", "living", (384, 288)),
-    _DemoFile("living/living_room_02.JPG", "living", (480, 320)),
-    _DemoFile("bedrooms/master/bedroom_01.png", "bedroom", (256, 192)),
-    _DemoFile("bedrooms/guest/bedroom_02.webp", "bedroom", (320, 320)),
-    _DemoFile("dining/dining_room_phone.jpg", "dining", (384, 288), exif_rotated=True),
-    _DemoFile("bedrooms/master/bedroom_03_portrait.jpg", "bedroom", (288, 384)),
-    _DemoFile("dining/dining_room_02.webp", "dining", (480, 320)),
-    _DemoFile("living_room_03.png", "living", (240, 240)),
-)
-
-
-def write_demo_rooms(folder: str | Path, count: int = 8, seed: int = 0) -> list[Path]:
-    """Write a small, varied set of furnished demo photos and return their paths.
-
-    Files cycle through a fixed mix of nested folders, ``.jpg``/``.JPG``,
-    PNG and WebP, landscape, square and portrait sizes, and one JPEG stored
-    sideways with EXIF Orientation 6 (upright once the tag is applied). Beyond
-    the first eight, names get a numeric suffix. Image ``i`` uses seed ``seed + i``.
-    """
-    if count < 0:
-        raise ValueError(f"count must be non-negative, got {count}")
-    root = Path(folder)
-    paths: list[Path] = []
-    for i in range(count):
-        spec = _DEMO_FILES[i % len(_DEMO_FILES)]
-        rel = Path(spec.path)
-        if i >= len(_DEMO_FILES):
-            rel = rel.with_name(f"{rel.stem}_{i // len(_DEMO_FILES)}{rel.suffix}")
-        room = _render(np.random.default_rng(seed + i), *spec.size, spec.kind)
-        image = Image.fromarray(room.furnished)
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[rel.suffix.lower()]
-        options: dict[str, object] = {"quality": 85} if fmt in ("JPEG", "WEBP") else {"optimize": True}
-        if spec.exif_rotated:
-            # Orientation 6 tells viewers to turn the stored pixels 90 degrees
-            # clockwise, so store the upright render turned counter-clockwise.
-            image = image.transpose(Image.Transpose.ROTATE_90)
-            exif = Image.Exif()
-            exif[_EXIF_ORIENTATION] = 6
-            options["exif"] = exif
-        image.save(path, fmt, **options)
-        paths.append(path)
-    return paths
-
-
-def write_room_pairs(folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> list[str]:
-    """Write rooms with their ground truth: ``furnished/``, ``empty/`` and ``masks/`` under folder.
-
-    Room ``i`` (seed ``seed + i``) is ``room_{i:03d}.png`` in ``furnished/`` and ``empty/``; its
-    exact furniture mask is ``masks/room_{i:03d}.png.png``, where the mask library job
-    (``masking.masks``) looks for it. Returns the room file names.
-    """
-    root = Path(folder)
-    names = []
-    for i in range(count):
-        room = render_room(seed + i, *size)
-        name = f"room_{i:03d}.png"
-        for kind, pixels in (("furnished", room.furnished), ("empty", room.empty)):
-            (root / kind).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(root / kind / name, optimize=True)
-        (root / "masks").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(room.mask.astype(np.uint8) * 255).save(root / "masks" / f"{name}.png", optimize=True)
-        names.append(name)
-    return names
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S] [--pairs]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m casalimpia.synthetic", description="Write synthetic furnished room photos."
-    )
-    parser.add_argument("folder", type=Path, help="output folder (created if missing)")
-    parser.add_argument("--count", type=int, default=8, help="number of images (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    parser.add_argument(
-        "--pairs", action="store_true", help="write furnished/, empty/ and masks/ ground truth (96x72) instead"
-    )
-    args = parser.parse_args(argv)
-    if args.pairs:
-        for name in write_room_pairs(args.folder, args.count, seed=args.seed):
-            print(args.folder / "furnished" / name)
-        return
-    for path in write_demo_rooms(args.folder, count=args.count, seed=args.seed):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,179 @@
+"""Synthetic rooms written as files: a demo catalogue, training pairs and segmentation labels.
+
+:func:`write_demo_rooms` saves a small catalogue of furnished photos mixing the formats, sizes,
+EXIF orientations and folder layouts of a real listing export. The bundled demo set in
+``casalimpia/data/demo_rooms`` was made with::
+
+    python -m casalimpia.synthetic casalimpia/data/demo_rooms --count 8
+
+:func:`write_room_pairs` writes rooms with their empty twins and exact masks; the bundled
+training demo data (``casalimpia/data/empty_rooms`` and ``casalimpia/data/mask_library``) was
+made with::
+
+    python -m casalimpia.synthetic /tmp/rooms --pairs --count 12 --seed 100
+    cp /tmp/rooms/empty/* casalimpia/data/empty_rooms/
+    python -m casalimpia.synthetic /tmp/furnished --pairs --count 8 --seed 200
+    python jobs/masks.py --config configs/masks_demo.yaml --input /tmp/furnished/furnished \\
+        --output casalimpia/data/mask_library --set masking.masks=/tmp/furnished/masks --set ring=4
+
+:func:`write_segmentation_pairs` writes furnished photos with their ADE20K label maps, the
+layout the segmenter fine-tuning job reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from casalimpia.synthetic.render import HELD_OUT_SEED, _render, render_room
+
+__all__ = ["main", "write_demo_rooms", "write_room_pairs", "write_segmentation_pairs"]
+
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class _DemoFile:
+    path: str
+    kind: str
+    size: tuple[int, int]  # (width, height) as shown upright
+    exif_rotated: bool = False
+
+
+# A listing export mixes folders, suffix spellings, formats, portrait shots and
+# phone photos whose pixels are stored sideways with an EXIF orientation tag.
+_DEMO_FILES: tuple[_DemoFile, ...] = (
+    _DemoFile("living/living_room_01.jpg", "living", (384, 288)),
+    _DemoFile("living/living_room_02.JPG", "living", (480, 320)),
+    _DemoFile("bedrooms/master/bedroom_01.png", "bedroom", (256, 192)),
+    _DemoFile("bedrooms/guest/bedroom_02.webp", "bedroom", (320, 320)),
+    _DemoFile("dining/dining_room_phone.jpg", "dining", (384, 288), exif_rotated=True),
+    _DemoFile("bedrooms/master/bedroom_03_portrait.jpg", "bedroom", (288, 384)),
+    _DemoFile("dining/dining_room_02.webp", "dining", (480, 320)),
+    _DemoFile("living_room_03.png", "living", (240, 240)),
+)
+
+
+def write_demo_rooms(folder: str | Path, count: int = 8, seed: int = 0) -> list[Path]:
+    """Write a small, varied set of furnished demo photos and return their paths.
+
+    Files cycle through a fixed mix of nested folders, ``.jpg``/``.JPG``,
+    PNG and WebP, landscape, square and portrait sizes, and one JPEG stored
+    sideways with EXIF Orientation 6 (upright once the tag is applied). Beyond
+    the first eight, names get a numeric suffix. Image ``i`` uses seed ``seed + i``.
+    """
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    root = Path(folder)
+    paths: list[Path] = []
+    for i in range(count):
+        spec = _DEMO_FILES[i % len(_DEMO_FILES)]
+        rel = Path(spec.path)
+        if i >= len(_DEMO_FILES):
+            rel = rel.with_name(f"{rel.stem}_{i // len(_DEMO_FILES)}{rel.suffix}")
+        room = _render(np.random.default_rng(seed + i), *spec.size, spec.kind)
+        image = Image.fromarray(room.furnished)
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[rel.suffix.lower()]
+        options: dict[str, object] = {"quality": 85} if fmt in ("JPEG", "WEBP") else {"optimize": True}
+        if spec.exif_rotated:
+            # Orientation 6 tells viewers to turn the stored pixels 90 degrees
+            # clockwise, so store the upright render turned counter-clockwise.
+            image = image.transpose(Image.Transpose.ROTATE_90)
+            exif = Image.Exif()
+            exif[_EXIF_ORIENTATION] = 6
+            options["exif"] = exif
+        image.save(path, fmt, **options)
+        paths.append(path)
+    return paths
+
+
+def write_room_pairs(folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> list[str]:
+    """Write rooms with their ground truth: ``furnished/``, ``empty/`` and ``masks/`` under folder.
+
+    Room ``i`` (seed ``seed + i``) is ``room_{i:03d}.png`` in ``furnished/`` and ``empty/``; its
+    exact furniture mask is ``masks/room_{i:03d}.png.png``, where the mask library job
+    (``masking.masks``) looks for it. Returns the room file names.
+    """
+    root = Path(folder)
+    names = []
+    for i in range(count):
+        room = render_room(seed + i, *size)
+        name = f"room_{i:03d}.png"
+        for kind, pixels in (("furnished", room.furnished), ("empty", room.empty)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / kind / name, optimize=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(room.mask.astype(np.uint8) * 255).save(root / "masks" / f"{name}.png", optimize=True)
+        names.append(name)
+    return names
+
+
+def write_segmentation_pairs(
+    folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (128, 96)
+) -> list[str]:
+    """Write furnished rooms with their class maps: ``images/`` and ``labels/`` under folder.
+
+    Room ``i`` (seed ``seed + i``) is ``images/room_{i:05d}.png`` and ``labels/room_{i:05d}.png``,
+    the label an 8-bit PNG of 0-indexed ADE20K ids (see :attr:`SyntheticRoom.classes`).
+    Returns the file names.
+    """
+    _check_seeds(seed, count)
+    root = Path(folder)
+    for kind in ("images", "labels"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        room = render_room(seed + i, *size)
+        name = f"room_{i:05d}.png"
+        Image.fromarray(room.furnished).save(root / "images" / name, optimize=True)
+        Image.fromarray(room.classes).save(root / "labels" / name, optimize=True)
+        names.append(name)
+    return names
+
+
+def _check_seeds(seed: int, count: int) -> None:
+    """Training data must come from below the held-out seeds, or held-out figures would lie."""
+    if seed < HELD_OUT_SEED < seed + count:
+        raise ValueError(
+            f"seeds {seed}..{seed + count - 1} straddle the held-out range (>= {HELD_OUT_SEED}): "
+            "write training and held-out rooms separately"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S] [--pairs | --labels]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m casalimpia.synthetic",
+        description=(
+            "Write synthetic furnished room photos. Seeds from "
+            f"{HELD_OUT_SEED:,} on are held out for evaluation: train below them."
+        ),
+    )
+    parser.add_argument("folder", type=Path, help="output folder (created if missing)")
+    parser.add_argument("--count", type=int, default=8, help="number of images (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--pairs", action="store_true", help="write furnished/, empty/ and masks/ ground truth (96x72) instead"
+    )
+    layout.add_argument(
+        "--labels", action="store_true", help="write images/ and labels/ (ADE20K class maps, 128x96) instead"
+    )
+    args = parser.parse_args(argv)
+    if args.pairs:
+        for name in write_room_pairs(args.folder, args.count, seed=args.seed):
+            print(args.folder / "furnished" / name)
+        return
+    if args.labels:
+        for name in write_segmentation_pairs(args.folder, args.count, seed=args.seed):
+            print(args.folder / "images" / name)
+        return
+    for path in write_demo_rooms(args.folder, count=args.count, seed=args.seed):
+        print(path)
