@@ -424,9 +424,12 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def cost_per_1000(config: BenchConfig, images_per_second: float | None) -> float | None:
-    """Price of 1,000 images at the job's steady rate, paying for every GPU its pools hold."""
+    """Price of 1,000 images at the job's steady rate, paying for every GPU its pools hold (fixed: min = max)."""
     resources = config.ray
-    gpus = resources.masking_actors * resources.masking_gpus + resources.inpainting_actors * resources.inpainting_gpus
+    gpus = (
+        resources.masking_actors.min * resources.masking_gpus
+        + resources.inpainting_actors.min * resources.inpainting_gpus
+    )
     if not images_per_second:
         return None
     return max(1, math.ceil(gpus)) * config.price_per_hour * 1000 / (images_per_second * 3600)
@@ -461,8 +464,9 @@ def settings(config: BenchConfig) -> dict[str, Any]:
         "dtype": resources.dtype,
         "channels_last": resources.channels_last,
         "compile_unet": resources.compile_unet,
-        "masking_actors": resources.masking_actors,
-        "inpainting_actors": resources.inpainting_actors,
+        # Fixed pools (BenchConfig checks): min is the pool's size.
+        "masking_actors": resources.masking_actors.min,
+        "inpainting_actors": resources.inpainting_actors.min,
         "masking_gpus": resources.masking_gpus,
         "inpainting_gpus": resources.inpainting_gpus,
         "quick": config.quick,

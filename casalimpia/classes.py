@@ -71,6 +71,10 @@ def removal_classes(preset: str, remove: list[str], keep: list[str]) -> list[str
     return [name for name in chosen if name not in excluded]
 
 
+IGNORE_LABEL = 255
+"""Label-map value of pixels nobody labelled: no training loss or score sees them."""
+
+
 CLASS_SEPARATOR = ","
 """Joins class names into one string column: it survives Ray Data's arrow blocks whatever the
 number of names, where a column of lists can turn into a fixed-shape tensor or a list<null>."""

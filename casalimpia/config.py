@@ -179,6 +179,27 @@ SPEED_SETTINGS = ("channels_last", "compile_unet")
 
 
 @dataclass
+class ActorPoolConfig:
+    """How many actors one stage's pool holds: ``min`` from the start, more while all of them are busy.
+
+    In YAML a mapping (``{min: 1, max: null}``) or an integer N, which fixes the pool at N actors.
+    RayConfig checks the values, so that its errors name the pool.
+    """
+
+    min: int = 1
+    """Actors started with the job and kept until its input runs out."""
+    max: int | None = None
+    """Most actors Ray Data grows the pool to while they are all busy; null: as many as the cluster can give."""
+
+    @classmethod
+    def from_scalar(cls, value: Any, key: str) -> dict[str, Any]:
+        """The mapping a plain integer N stands for: a fixed pool of N actors."""
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, f"expected {{min: N, max: M or null}} or an integer, got {value!r}")
+        return {"min": value, "max": value}
+
+
+@dataclass
 class RayConfig:
     """Where the job runs, how much of the cluster each stage takes, and how its models run there.
 
@@ -188,10 +209,10 @@ class RayConfig:
 
     address: str | None = None
     """Ray cluster address; unset uses RAY_ADDRESS or a running local cluster, else starts one."""
-    masking_actors: int = 1
-    """Segmentation actors in the pool."""
-    inpainting_actors: int = 1
-    """Inpainting actors in the pool."""
+    masking_actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Segmentation actors: the pool grows from min to max while they are busy (an integer fixes its size)."""
+    inpainting_actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Inpainting actors: the pool grows from min to max while they are busy (an integer fixes its size)."""
     masking_gpus: float = 0.0
     """GPUs per segmentation actor (fractions share a GPU with inpainting)."""
     inpainting_gpus: float = 0.0
@@ -211,7 +232,9 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         for key in ("masking_actors", "inpainting_actors"):
-            _check(getattr(self, key) >= 1, f"ray.{key}", "must be at least 1")
+            pool = getattr(self, key)
+            _check(pool.min >= 1, f"ray.{key}.min", "must be at least 1")
+            _check(pool.max is None or pool.max >= pool.min, f"ray.{key}.max", "must be at least min, or null")
         for key in ("masking_gpus", "inpainting_gpus"):
             _check(getattr(self, key) >= 0, f"ray.{key}", "must be non-negative")
         for key in ("masking_cpus", "inpainting_cpus", "io_cpus"):
@@ -417,6 +440,8 @@ class OptimConfig:
     """Clip the gradient norm to this; 0 switches clipping off."""
     max_nonfinite: int = 20
     """Stop the run after this many consecutive non-finite losses (each one skips its step)."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the trained weights, which validation and export use (0: off)."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {list(OPTIMIZERS)}")
@@ -428,6 +453,7 @@ class OptimConfig:
         _check(self.grad_accum >= 1, "optim.grad_accum", "must be at least 1")
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be non-negative")
         _check(self.max_nonfinite >= 1, "optim.max_nonfinite", "must be at least 1")
+        _check(0 <= self.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
 
 
 @dataclass
@@ -481,42 +507,35 @@ class TrainRayConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TRAIN_MODES = ("lora", "full")
 
 
 @dataclass
-class TrainConfig:
-    """LoRA fine-tuning of the inpainting UNet on synthetic pairs."""
+class RunConfig:
+    """What every training job's run shares: its folder, length, precision, checkpoints and workers."""
 
-    name: str = "casalimpia-lora"
+    name: str = "run"
     """Run name; starting a run with the same name and storage resumes it."""
     storage: str = ""
-    """URI the run folder (checkpoints, final LoRA, config) is written under: local path or s3://."""
+    """URI the run folder (checkpoints, export, metrics, config) is written under: local path or s3://."""
     epochs: int = 10
-    """Passes over the training rooms."""
+    """Passes over the training examples."""
     batch_size: int = 4
-    """Pairs per worker per micro-batch."""
+    """Examples per worker per micro-batch."""
     precision: str = "auto"
     """Mixed precision: auto (bf16, else fp16 on a GPU; fp32 on CPU), bf16, fp16 (with a GradScaler) or fp32."""
-    prompt: str | None = None
-    """Text the UNet is conditioned on while training; unset uses inpaint.prompt, '' trains unconditionally."""
     seed: int = 0
-    """Seed of the LoRA initialisation, noise and validation masks."""
+    """Seed of what training initialises and draws: new weights, noise, validation masks."""
     checkpoint_every: int = 1
     """Write a checkpoint every this many epochs (and always after the last)."""
     keep_checkpoints: int = 3
     """Checkpoints kept, the best by checkpoint_metric."""
-    checkpoint_metric: str = "val/psnr_mask"
-    """Reported metric that ranks checkpoints."""
+    checkpoint_metric: str = "val/loss"
+    """Reported metric that ranks checkpoints and chooses the exported one."""
     checkpoint_mode: str = "max"
     """Whether a higher ('max') or lower ('min') checkpoint_metric is better."""
-    data: TrainDataConfig = field(default_factory=TrainDataConfig)
-    """Training pairs."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """The adapter."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimisation."""
-    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
-    """Base inpainting model, and how validation paints (the de-furnishing job's settings)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Weights & Biases."""
     ray: TrainRayConfig = field(default_factory=TrainRayConfig)
@@ -532,7 +551,85 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         _check(self.checkpoint_mode in ("max", "min"), "checkpoint_mode", "must be max or min")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Fine-tuning of the inpainting UNet on synthetic pairs: a LoRA, or every weight."""
+
+    name: str = "casalimpia-lora"
+    """Run name; starting a run with the same name and storage resumes it."""
+    checkpoint_metric: str = "val/psnr_mask"
+    """Reported metric that ranks checkpoints and chooses the exported one."""
+    mode: str = "lora"
+    """lora: train the adapter below and export it for inpaint.lora; full: train every UNet weight, export a model."""
+    prompt: str | None = None
+    """Text the UNet is conditioned on while training; unset uses inpaint.prompt, '' trains unconditionally."""
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    """Training pairs."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter (mode: lora)."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    """Base inpainting model, and how validation paints (the de-furnishing job's settings)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.mode in TRAIN_MODES, "mode", f"must be one of {list(TRAIN_MODES)}")
         _check(self.inpaint.lora is None, "inpaint.lora", "must be unset: training makes the LoRA")
+
+
+@dataclass
+class SegmenterDataConfig:
+    """Photos and their label maps: ``images/<name>.<suffix>`` and ``labels/<name>.png`` under one folder."""
+
+    dataset: str = ""
+    """URI of the dataset folder holding images/ and labels/ (split into train/validation/test by name)."""
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """Fractions of the examples in train, validation and test; test is never read (held out)."""
+    crop: int = 512
+    """Side of the square training crop in pixels (a multiple of 32)."""
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    """Range of the random zoom: each photo's short side is scaled to masking.resolution times a draw from it."""
+    flip: bool = True
+    """Randomly flip photos and labels left-right."""
+    validation_images: int = 200
+    """At most this many validation examples are segmented after each epoch (the first by name)."""
+    limit: int | None = None
+    """Train on at most this many examples; unset uses all."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and input checks of the photos (suffixes: which files under images/ are photos)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), "data.dataset", "is required (in the config or with --input)")
+        _check(
+            len(self.split) == 3 and all(f >= 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-6,
+            "data.split",
+            "must be three non-negative fractions (train, validation, test) summing to 1",
+        )
+        _check(self.split[0] > 0 and self.split[1] > 0, "data.split", "train and validation fractions must be positive")
+        _check(self.crop >= 32 and self.crop % 32 == 0, "data.crop", "must be a multiple of 32, at least 32")
+        ok = len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 8
+        _check(ok, "data.scale", "must be [low, high] with 0 < low <= high <= 8")
+        _check(self.validation_images >= 1, "data.validation_images", "must be at least 1")
+        _check(self.limit is None or self.limit >= 1, "data.limit", "must be at least 1")
+
+
+@dataclass
+class SegmenterTrainConfig(RunConfig):
+    """Fine-tuning of the OneFormer segmenter on photos with label maps (ADE20K ids), e.g. corrected masks."""
+
+    name: str = "casalimpia-segmenter"
+    """Run name; starting a run with the same name and storage resumes it."""
+    checkpoint_metric: str = "val/furniture_iou"
+    """Reported metric that ranks checkpoints and chooses the exported one."""
+    data: SegmenterDataConfig = field(default_factory=SegmenterDataConfig)
+    """Training and validation examples."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """The model to start from (masking.model), and how validation segments and which classes count as furniture."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.masking.masks is None, "masking.masks", "must be unset: training validates the segmenter")
 
 
 EVALUATION_METHODS = ("diffusion", "telea", "navier-stokes")
@@ -705,6 +802,10 @@ class BenchConfig:
             _check(known, "variants", f"{variant!r}: each must join some of {list(SPEED_SETTINGS)} with '+'")
             _check(not all(getattr(self.ray, name) for name in names), "variants", f"{variant!r} is already on in ray")
         _check(self.price_per_hour >= 0, "price_per_hour", "must be non-negative")
+        for key in ("masking_actors", "inpainting_actors"):
+            # The job's rate is compared with one actor's and priced per GPU held: it needs a known count.
+            pool = getattr(self.ray, key)
+            _check(pool.max == pool.min, f"ray.{key}", "the benchmark times a fixed pool: give an integer")
 
 
 @dataclass
@@ -743,6 +844,7 @@ class TuneConfig:
         plain = bool(self.name) and "/" not in self.name and self.name not in (".", "..")
         _check(plain, "name", "must be a plain name (no '/')")
         _check(self.samples >= 1, "samples", "must be at least 1")
+        _check(self.train.mode == "lora", "train.mode", "must be lora: a sweep compares LoRA runs")
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.scheduler in SCHEDULERS_TUNE, "scheduler", f"must be one of {list(SCHEDULERS_TUNE)}")
         _check(1 <= self.grace_period <= self.train.epochs, "grace_period", "must be in [1, train.epochs]")
@@ -891,6 +993,9 @@ def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
+        # A section with a short form (ActorPoolConfig's integer) says what mapping the short form means.
+        if not isinstance(value, dict) and hasattr(hint, "from_scalar"):
+            value = hint.from_scalar(value, key)
         return build(hint, value, f"{key}.")
     origin, args = get_origin(hint), get_args(hint)
     if origin in (typing.Union, types.UnionType):

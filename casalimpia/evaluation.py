@@ -46,6 +46,7 @@ from casalimpia.pipeline import (
     JobError,
     absolute_model,
     absolute_uri,
+    actor_pool,
     check_lora,
     check_model,
     object_array,
@@ -545,7 +546,6 @@ def _items(rows: list[dict[str, str]], rows_per_block: int) -> Any:
 
 def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: frozenset[str]) -> Any:
     """The lazy Ray Dataset of one set-up's scores over the materialized examples (see Scorer's columns)."""
-    import ray
 
     setup, resources = config.setups[name], config.ray
     diffusion = setup.method == "diffusion"
@@ -559,7 +559,7 @@ def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: froz
             "channels_last": resources.channels_last,
             "compile_unet": resources.compile_unet,
         },
-        compute=ray.data.ActorPoolStrategy(size=resources.inpainting_actors),
+        compute=actor_pool(resources.inpainting_actors),
         batch_size=(inpaint or config.inpaint).batch_size,
         num_cpus=resources.inpainting_cpus,
         # The classical methods run on the CPU: they must not hold a GPU the scorers could use.

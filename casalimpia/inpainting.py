@@ -20,7 +20,7 @@ from PIL import Image
 
 from casalimpia.config import InpaintConfig
 from casalimpia.masking import distance_to_outside
-from casalimpia.models import load_inpainting_pipeline, local_path, resolve_placement
+from casalimpia.models import in_halves, load_inpainting_pipeline, local_path, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,10 @@ class Inpainter:
     """Callable batch stage on the painting actors: paints the crops ``crop_for_painting`` made.
 
     Replaces ``model_image`` and ``model_mask`` with ``painted`` (the painted crops) and adds
-    ``seconds_inpaint``. Rows with an error or an empty mask are left out; a batch the model fails
-    on gets the error on each of its rows. In-process callers paint whole photos with ``paint``.
+    ``seconds_inpaint``. Rows with an error or an empty mask are left out. A batch that runs out of
+    accelerator memory is painted in halves, down to single photos; a photo that runs out alone, or a
+    batch the model fails on otherwise, gets the error on each of its rows. In-process callers paint
+    whole photos with ``paint``.
     """
 
     def __init__(
@@ -244,14 +246,22 @@ class Inpainter:
         errors = batch["error"].astype(object).copy()
         todo = to_paint(batch)
         painted = np.zeros_like(batch["model_image"])
+
+        def paint_rows(rows: list[int]) -> np.ndarray:
+            sources = [batch["source"][i] for i in rows]
+            return self.paint_crops(batch["model_image"][rows], batch["model_mask"][rows], sources)
+
         try:
-            if todo:
-                sources = [batch["source"][i] for i in todo]
-                painted[todo] = self.paint_crops(batch["model_image"][todo], batch["model_mask"][todo], sources)
+            # Out of memory, the batch is painted in halves: only a photo that fails alone fails.
+            outcomes = in_halves(paint_rows, todo, "inpainting") if todo else []
         except (RuntimeError, ValueError) as error:
             log.warning("inpainting a batch of %d failed: %s", len(todo), error)
-            for i in todo:
-                errors[i] = f"inpainting failed: {str(error).splitlines()[0][:200]}"
+            outcomes = [error] * len(todo)
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                errors[i] = f"inpainting failed: {str(outcome).splitlines()[0][:200]}"
+            else:
+                painted[i] = outcome
         seconds = (time.perf_counter() - start) / max(1, len(todo))
         done = np.zeros(count, dtype=np.float64)
         done[todo] = seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,7 +25,7 @@ from casalimpia import storage
 from casalimpia.classes import join_class_names, normalize_label, removal_classes
 from casalimpia.config import MaskingConfig
 from casalimpia.images import ImageDecodeError, decode_mask
-from casalimpia.models import load_segmenter, resolve_placement
+from casalimpia.models import Placement, in_halves, load_segmenter, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TASK_PROMPT = "the task is semantic"
 
 Batch = dict[str, np.ndarray]
+
+
+def task_tokens(tokenizer: Any, length: int) -> torch.Tensor:
+    """The token ids of TASK_PROMPT, (1, length): what OneFormer is told at inference and in training."""
+    tokens = tokenizer(TASK_PROMPT, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return tokens["input_ids"]
 
 
 def distance_to_outside(mask: np.ndarray) -> np.ndarray:
@@ -80,26 +87,29 @@ class FurnitureMasker:
     ``join_class_names``; it is empty for user-supplied masks and failed rows.
     """
 
-    def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
+    def __init__(self, config: MaskingConfig, dtype: str = "auto", segmenter: tuple[Any, Any] | None = None) -> None:
+        """Load config.model on the resolved placement, or segment with ``segmenter`` (model, tokenizer).
+
+        Segmenter training passes the model it trains (in its inference form), so that validation
+        measures what this stage will do with the exported checkpoint.
+        """
         self.config = config
         self.model = None
         if config.masks is not None:
             log.info("masking: using the masks under %s, no segmentation model", config.masks)
             return
-        self.placement = resolve_placement(dtype)
-        log.info("masking on %s", self.placement.reason)
-        self.model, tokenizer = load_segmenter(config.model, self.placement)
+        if segmenter is None:
+            self.placement = resolve_placement(dtype)
+            log.info("masking on %s", self.placement.reason)
+            self.model, tokenizer = load_segmenter(config.model, self.placement)
+        else:
+            self.model, tokenizer = segmenter
+            weight = next(self.model.parameters())
+            self.placement = Placement(weight.device, weight.dtype, "the caller's model")
         id2label = self.model.config.id2label
         self.removal_ids = self._removal_ids(id2label)
         self.class_names = {int(i): normalize_label(label) for i, label in id2label.items()}
-        task = tokenizer(
-            TASK_PROMPT,
-            padding="max_length",
-            truncation=True,
-            max_length=self.model.config.task_seq_len,
-            return_tensors="pt",
-        )
-        self.task_inputs = task["input_ids"].to(self.placement.device)
+        self.task_inputs = task_tokens(tokenizer, self.model.config.task_seq_len).to(self.placement.device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.placement.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.placement.device).view(1, 3, 1, 1)
 
@@ -124,7 +134,7 @@ class FurnitureMasker:
         if self.model is None:
             results = {i: self._read_user_mask(batch["source"][i], batch["image"][i].shape[:2]) for i in healthy}
         else:
-            results = self._segment_with_fallback([batch["image"][i] for i in healthy], healthy)
+            results = self._segment_in_halves(batch["image"], healthy)
         for i in range(count):
             outcome = results.get(i)
             if isinstance(outcome, tuple):
@@ -154,28 +164,27 @@ class FurnitureMasker:
                     return f"bad mask {candidate}: {error}"
         return f"no mask for {source} under {self.config.masks}"
 
-    def _segment_with_fallback(
-        self, images: list[np.ndarray], rows: list[int]
-    ) -> dict[int, tuple[np.ndarray, str] | str]:
-        """Segment the batch at once; if that fails, one photo at a time so one bad photo fails alone.
+    def _segment_in_halves(self, images: np.ndarray, rows: list[int]) -> dict[int, tuple[np.ndarray, str] | str]:
+        """Segment the photos of these rows at once; if that fails (out of memory, a photo the model cannot
+        take), in halves down to single photos, so that only a photo that fails alone fails.
 
-        Each healthy row maps to its mask and class names, each failed one to a one-line error.
+        Each row maps to its mask and class names, or to a one-line error.
         """
-        if not images:
-            return {}
-        try:
-            return {
-                row: (self.removal_mask(labels, image.shape[:2]), self.present_classes(labels))
-                for row, image, labels in zip(rows, images, self.label_maps(images), strict=True)
-            }
-        except (RuntimeError, ValueError) as error:
-            if len(images) == 1:
-                return {rows[0]: f"segmentation failed: {str(error).splitlines()[0][:200]}"}
-            log.warning("segmentation of a batch of %d failed (%s); retrying one by one", len(images), error)
-            out: dict[int, tuple[np.ndarray, str] | str] = {}
-            for image, row in zip(images, rows, strict=True):
-                out.update(self._segment_with_fallback([image], [row]))
-            return out
+
+        def segment_rows(part: list[int]) -> list[tuple[np.ndarray, str]]:
+            photos = [images[i] for i in part]
+            return [
+                (self.removal_mask(labels, photo.shape[:2]), self.present_classes(labels))
+                for photo, labels in zip(photos, self.label_maps(photos), strict=True)
+            ]
+
+        outcomes = in_halves(segment_rows, rows, "segmentation", (RuntimeError, ValueError))
+        return {
+            row: f"segmentation failed: {str(outcome).splitlines()[0][:200]}"
+            if isinstance(outcome, Exception)
+            else outcome
+            for row, outcome in zip(rows, outcomes, strict=True)
+        }
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Removal masks, (H, W) bool at each photo's own size, for a list of RGB photos."""
@@ -243,8 +252,8 @@ class ResidualFurniture:
 
     It segments the painted ``image`` again with the masking model (also when the masks came from
     the user) and measures, inside the row's ``mask``, the pixels labelled as a removal class.
-    Failed rows get NaN; a batch the segmenter cannot handle gets NaN for every row, which the
-    gate treats as 'review', so nothing unmeasured passes as clean.
+    Failed rows get NaN; a batch the segmenter cannot handle is measured in halves, and a photo it
+    cannot handle alone gets NaN, which the gate treats as 'review', so nothing unmeasured passes as clean.
     """
 
     def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
@@ -256,14 +265,16 @@ class ResidualFurniture:
         healthy = [i for i in range(count) if not batch["error"][i]]
         residual[healthy] = 0.0  # an empty mask leaves nothing to check
         painted = [i for i in healthy if batch["mask"][i].any()]
-        try:
-            found = self.masker.furniture([batch["image"][i] for i in painted])
-        except (RuntimeError, ValueError) as error:
-            log.warning("quality gate: segmenting a batch of %d failed: %s", len(painted), error)
-            residual[painted] = np.nan
-            return {**batch, "residual": residual}
+        found = in_halves(
+            lambda rows: self.masker.furniture([batch["image"][i] for i in rows]),
+            painted,
+            "quality gate segmentation",
+            (RuntimeError, ValueError),
+        )
         for i, furniture in zip(painted, found, strict=True):
-            residual[i] = residual_fraction(furniture, batch["mask"][i])
+            # A photo the segmenter fails on, alone, is unmeasured (NaN): the gate sends it to review.
+            failed = isinstance(furniture, Exception)
+            residual[i] = np.nan if failed else residual_fraction(furniture, batch["mask"][i])
         return {**batch, "residual": residual}
 
 

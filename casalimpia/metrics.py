@@ -1,4 +1,5 @@
-"""Image quality of inpainted photos against their targets: PSNR, SSIM and LPIPS, whole and inside the mask.
+"""Image quality of inpainted photos against their targets: PSNR, SSIM and LPIPS, whole and inside the mask;
+and the scores of a segmenter's label maps against true ones (``SegmentationScores``).
 
 A masked score averages a per-pixel map over the masked pixels. For PSNR that map is the squared error,
 so only masked pixels count; SSIM's map at a pixel also sees its 11x11 window and LPIPS's map the receptive
@@ -12,6 +13,7 @@ not comparable with published LPIPS, and a warning says so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -21,6 +23,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from scipy import ndimage
+
+from casalimpia.classes import IGNORE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +257,70 @@ def score(
     if lpips is not None:
         values["lpips"], values["lpips_mask"] = lpips(outputs, targets, masks)
     return {key: float(np.mean(series)) for key, series in values.items()}
+
+
+class SegmentationScores:
+    """Semantic segmentation scores of predicted label maps against true ones, pooled over a set of photos.
+
+    ``removable`` and ``structure`` are bool lookups by class id: what the masking stage removes
+    and the room's structure. ``add`` takes one photo's predicted and true label maps of the same
+    shape; ``result`` gives, NaN where undefined:
+
+    - ``miou``: mean over the classes present in the true maps of intersection over union;
+    - ``pixel_accuracy``: fraction of labelled pixels given their true class;
+    - ``furniture_recall``, ``furniture_precision``, ``furniture_iou``: the removable pixels as one
+      class, pooled over all pixels (what a removal mask built from the prediction would cover);
+    - ``furniture_recall_median``: the median over photos that have furniture of their own recall;
+    - ``structure_removed``: fraction of true structure pixels predicted as removable (must be ~0).
+    """
+
+    def __init__(self, removable: np.ndarray, structure: np.ndarray) -> None:
+        if removable.shape != structure.shape or removable.dtype != bool or structure.dtype != bool:
+            raise ValueError("removable and structure must be bool lookups of the same length, one per class")
+        self.removable = removable
+        self.structure = structure
+        classes = len(removable)
+        self.intersection = np.zeros(classes, dtype=np.int64)
+        self.predicted = np.zeros(classes, dtype=np.int64)
+        self.truth = np.zeros(classes, dtype=np.int64)
+        self.furniture = np.zeros(3, dtype=np.int64)  # true positives, false positives, false negatives
+        self.structure_counts = np.zeros(2, dtype=np.int64)  # structure pixels, of them predicted removable
+        self.recalls: list[float] = []
+
+    def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        if predicted.shape != truth.shape:
+            raise ValueError(f"predicted {predicted.shape} and true {truth.shape} label maps differ in shape")
+        labelled = truth != IGNORE_LABEL
+        predicted, truth = predicted[labelled].astype(np.int64), truth[labelled].astype(np.int64)
+        classes = len(self.removable)
+        if truth.size and max(int(truth.max()), int(predicted.max())) >= classes:
+            raise ValueError(f"label maps hold class ids outside [0, {classes}) and {IGNORE_LABEL}")
+        self.intersection += np.bincount(truth[predicted == truth], minlength=classes)
+        self.predicted += np.bincount(predicted, minlength=classes)
+        self.truth += np.bincount(truth, minlength=classes)
+        found, wanted = self.removable[predicted], self.removable[truth]
+        hits = int((found & wanted).sum())
+        self.furniture += [hits, int((found & ~wanted).sum()), int((~found & wanted).sum())]
+        room = self.structure[truth]
+        self.structure_counts += [int(room.sum()), int((room & found).sum())]
+        if wanted.any():
+            self.recalls.append(hits / int(wanted.sum()))
+
+    def result(self) -> dict[str, float]:
+        present = self.truth > 0
+        union = self.predicted + self.truth - self.intersection
+        hits, false_alarms, misses = (int(count) for count in self.furniture)
+        structure, removed = (int(count) for count in self.structure_counts)
+        return {
+            "miou": float(np.mean(self.intersection[present] / union[present])) if present.any() else math.nan,
+            "pixel_accuracy": _ratio(int(self.intersection.sum()), int(self.truth.sum())),
+            "furniture_recall": _ratio(hits, hits + misses),
+            "furniture_precision": _ratio(hits, hits + false_alarms),
+            "furniture_iou": _ratio(hits, hits + false_alarms + misses),
+            "furniture_recall_median": float(np.median(self.recalls)) if self.recalls else math.nan,
+            "structure_removed": _ratio(removed, structure),
+        }
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else math.nan

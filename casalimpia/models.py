@@ -14,10 +14,10 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from filelock import FileLock
@@ -27,6 +27,8 @@ from casalimpia.classes import ADE20K_CLASSES
 from casalimpia.config import RANDOM_FULL, RANDOM_WEIGHTS, TINY
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TINY_SEED = 0
 """The default models' full-size architectures with random weights (seeded), built offline; for benchmarks."""
@@ -79,6 +81,35 @@ def _ray_node() -> str:
     import ray
 
     return f" of Ray node {ray.get_runtime_context().get_node_id()[:12]}" if ray.is_initialized() else ""
+
+
+def in_halves(
+    run: Callable[[list[int]], Sequence[T]],
+    rows: list[int],
+    what: str,
+    split_on: tuple[type[Exception], ...] = (torch.OutOfMemoryError,),
+) -> list[T | Exception]:
+    """``run(rows)``, or when it raises one of ``split_on``, ``run`` on each half of the rows, down to single rows.
+
+    Each row gets its result, or the exception its call raised when the row was alone. The halves are
+    run one after the other, so a batch that ran out of accelerator memory is retried with half of
+    what it held, after the allocator's cache is released. ``what`` names the work in the warning.
+    """
+    if not rows:
+        return []
+    try:
+        return list(run(rows))
+    except split_on as error:
+        if len(rows) == 1:
+            return [error]
+        out_of_memory = isinstance(error, torch.OutOfMemoryError)
+        reason = "ran out of accelerator memory" if out_of_memory else f"failed ({str(error).splitlines()[0][:200]})"
+        log.warning("%s of %d photos %s; retrying in halves", what, len(rows), reason)
+        if out_of_memory and torch.accelerator.is_available():
+            # The failed call's tensors are garbage now; their cached blocks go back so the halves fit.
+            torch.accelerator.empty_cache()
+    middle = len(rows) // 2
+    return in_halves(run, rows[:middle], what, split_on) + in_halves(run, rows[middle:], what, split_on)
 
 
 def _hub_cached(repo_id: str) -> str | None:
@@ -144,20 +175,53 @@ def local_path(reference: str) -> str:
     return str(target)
 
 
-def load_segmenter(reference: str, placement: Placement) -> tuple[Any, Any]:
-    """OneFormer and the tokenizer for its task prompt, in eval mode on the placement."""
-    if reference == TINY:
-        model, tokenizer = tiny_segmenter()
-    elif reference == RANDOM_FULL:
-        model, tokenizer = random_full_segmenter(placement.device)
+def load_segmenter(reference: str, placement: Placement, *, training: bool = False) -> tuple[Any, Any]:
+    """OneFormer and the tokenizer for its task prompt, on the placement: in eval mode, or in train mode
+    in its training form with ``training`` (see `segmenter_form`)."""
+    if reference in RANDOM_WEIGHTS:
+        model, tokenizer = tiny_segmenter() if reference == TINY else random_full_segmenter(placement.device)
+        if training:
+            model = segmenter_form(model, training=True)
     else:
         from transformers import AutoTokenizer, OneFormerForUniversalSegmentation
 
         path = local_path(reference)
-        model = OneFormerForUniversalSegmentation.from_pretrained(path)
+        # The text mapper keeps the checkpoint's weights where it has them, else it starts new (a warning lists it).
+        model = OneFormerForUniversalSegmentation.from_pretrained(path, is_training=training)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    model = model.to(device=placement.device, dtype=placement.dtype).eval()
+    model = model.to(device=placement.device, dtype=placement.dtype).train(training)
     return model, tokenizer
+
+
+TEXT_MAPPER_PREFIX = "model.text_mapper."
+"""State-dict keys of OneFormer's training-only text branch."""
+
+
+def segmenter_form(model: Any, *, training: bool) -> Any:
+    """A new OneFormer with model's weights, in its training form (``is_training``) or its inference form.
+
+    The training form adds the text mapper that encodes the per-class texts of OneFormer's
+    query-text contrastive loss (seeded with TINY_SEED where new); its forward then requires
+    ``text_inputs``, and its deformable encoder applies dropout whatever the module's mode, so
+    validation, export and masking use the inference form. Built on the CPU in fp32.
+    """
+    from transformers import OneFormerForUniversalSegmentation
+
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.is_training = training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        converted = OneFormerForUniversalSegmentation(config)
+    state = {
+        key: value for key, value in model.state_dict().items() if training or not key.startswith(TEXT_MAPPER_PREFIX)
+    }
+    result = converted.load_state_dict(state, strict=False)
+    unmatched = [
+        key for key in [*result.missing_keys, *result.unexpected_keys] if not key.startswith(TEXT_MAPPER_PREFIX)
+    ]
+    if unmatched:
+        raise ValueError(f"OneFormer forms differ beyond the text mapper: {unmatched[:3]}")
+    return converted.train(training)
 
 
 def load_inpainting_pipeline(reference: str, placement: Placement) -> Any:
@@ -193,7 +257,14 @@ def tiny_tokenizer(model_max_length: int = 77) -> Any:
 
 
 def tiny_segmenter() -> tuple[Any, Any]:
-    """A ~0.4M-parameter OneFormer with ADE20K's 150 labels and random weights."""
+    """A ~0.4M-parameter OneFormer with ADE20K's 150 labels and random weights.
+
+    No dropout nor stochastic depth: with OneFormer's default dropout (0.1) this small a model
+    collapsed to one class in short training runs. The text encoder settings only shape the training
+    form's text mapper (see `segmenter_form`), which needs a width of at least 64 (one head per 64)
+    and, with prompt context tokens, a width equal to hidden_dim; without them its text queries match
+    the 8 object queries one to one.
+    """
     from transformers import OneFormerConfig, OneFormerForUniversalSegmentation, SwinConfig
 
     tokenizer = tiny_tokenizer(model_max_length=24)
@@ -205,6 +276,7 @@ def tiny_segmenter() -> tuple[Any, Any]:
             depths=[1, 1, 1, 1],
             num_heads=[1, 1, 2, 2],
             window_size=4,
+            drop_path_rate=0.0,
             out_features=["stage1", "stage2", "stage3", "stage4"],
         ),
         num_labels=len(ADE20K_CLASSES),
@@ -212,6 +284,7 @@ def tiny_segmenter() -> tuple[Any, Any]:
         label2id={name: i for i, name in enumerate(ADE20K_CLASSES)},
         hidden_dim=32,
         mask_dim=32,
+        dropout=0.0,
         conv_dim=32,
         encoder_feedforward_dim=64,
         dim_feedforward=64,
@@ -219,12 +292,12 @@ def tiny_segmenter() -> tuple[Any, Any]:
         decoder_layers=2,
         num_attention_heads=2,
         num_queries=8,
-        text_encoder_width=32,
+        text_encoder_width=64,
         text_encoder_num_layers=1,
         text_encoder_context_length=24,
         text_encoder_vocab_size=len(tokenizer),
         text_encoder_proj_layers=1,
-        text_encoder_n_ctx=2,
+        text_encoder_n_ctx=0,
         task_seq_len=24,
         max_seq_len=24,
         is_training=False,

@@ -43,6 +43,7 @@ from casalimpia import configure_logging, faults, storage
 from casalimpia.config import (
     MANIFEST_EVERY,
     RANDOM_WEIGHTS,
+    ActorPoolConfig,
     DecodeConfig,
     DefurnishConfig,
     MaskingConfig,
@@ -449,15 +450,25 @@ class Summary:
         return f"{counts} processed={self.processed} in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s)"
 
 
+def actor_pool(pool: ActorPoolConfig) -> Any:
+    """Ray Data's strategy for a pool of ``pool.min`` to ``pool.max`` actors.
+
+    Ray Data adds an actor while the pool's actors are busy and the cluster has room for one, and asks the
+    cluster's autoscaler for nodes when it has none; ``max`` None leaves no limit but the cluster's. A fixed
+    ``size`` would never grow onto nodes that join during the run.
+    """
+    import ray
+
+    return ray.data.ActorPoolStrategy(min_size=pool.min, max_size=pool.max)
+
+
 def segmenter_pool(masking: MaskingConfig, resources: RayConfig) -> dict[str, Any]:
     """``map_batches`` arguments of an actor pool that runs the segmentation model, sized by ray.masking_*.
 
     Masking, the quality gate and the evaluation's scorers all hold the same model, so they share one sizing.
     """
-    import ray
-
     return {
-        "compute": ray.data.ActorPoolStrategy(size=resources.masking_actors),
+        "compute": actor_pool(resources.masking_actors),
         "batch_size": masking.batch_size,
         "num_cpus": resources.masking_cpus,
         "num_gpus": resources.masking_gpus,
@@ -489,17 +500,14 @@ def masked_photos(plan: Plan, rows_per_block: int) -> Any:
         batch_size=config.masking.batch_size,
         num_cpus=resources.io_cpus,
     )
-    return dataset.map_batches(
-        FurnitureMasker,
-        fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
-        **segmenter_pool(config.masking, resources),
+    masker, masker_kwargs = faults.stage(
+        "masker", FurnitureMasker, {"config": config.masking, "dtype": resources.dtype}
     )
+    return dataset.map_batches(masker, fn_constructor_kwargs=masker_kwargs, **segmenter_pool(config.masking, resources))
 
 
 def build_dataset(plan: Plan) -> Any:
     """The lazy Ray Dataset of manifest rows for the photos to do."""
-    import ray
-
     from casalimpia.inpainting import Inpainter, blend_painted, crop_for_painting
     from casalimpia.masking import ResidualFurniture
 
@@ -526,7 +534,7 @@ def build_dataset(plan: Plan) -> Any:
     dataset = dataset.map_batches(
         inpainter,
         fn_constructor_kwargs=inpainter_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=resources.inpainting_actors),
+        compute=actor_pool(resources.inpainting_actors),
         batch_size=config.inpaint.batch_size,
         num_cpus=resources.inpainting_cpus,
         num_gpus=resources.inpainting_gpus,

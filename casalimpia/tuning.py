@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from casalimpia import storage
 from casalimpia.config import TuneConfig, build, to_yaml, with_values
 from casalimpia.pipeline import JobError
-from casalimpia.training import trainer
+from casalimpia.training import runs, trainer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
         bracket = self._trial_info[trial.trial_id]
-        for row in trainer.read_epochs(storage.join(self.sweep_uri, RUNS_DIR, trial.trial_id)):
+        for row in runs.read_epochs(storage.join(self.sweep_uri, RUNS_DIR, trial.trial_id)):
             if _is_number(row.get(self._metric)):
                 bracket.on_result(trial, row[self._time_attr], self._metric_op * row[self._metric])
 
@@ -258,15 +258,14 @@ def run(plan: SweepPlan) -> SweepSummary:
         )
     grid = tuner.fit()
     seconds = time.perf_counter() - start
+    # After Ctrl-C (or SIGUSR1) Tune returns what it has, and its saved state resumes the rest: trials
+    # not yet generated, and trials that were running, whatever epochs they had reported.
+    if len(grid) < trial_count(config) or not all(trial_ended(result.metrics, result.error) for result in grid):
+        return SweepSummary(plan.sweep_uri, [], None, None, seconds, interrupted=True)
     trials = sorted(
         (trial_row(config, result, plan.sweep_uri) for result in grid),
         key=lambda row: _rank_key(row["best"], config.mode),
     )
-    # After Ctrl-C (or SIGUSR1) Tune returns what it has; its saved state resumes the rest. A trial
-    # that ended without an error reported at least one epoch, and every trial was generated.
-    unfinished = [row for row in trials if row["status"] != "error" and row["epochs"] == 0]
-    if unfinished or len(trials) < trial_count(config):
-        return SweepSummary(plan.sweep_uri, [], None, None, seconds, interrupted=True)
     storage.write_rows(storage.join(plan.sweep_uri, RESULTS_FILE), trials)
     best = trials[0] if trials and _is_number(trials[0]["best"]) else None
     best_config_uri = None
@@ -276,11 +275,21 @@ def run(plan: SweepPlan) -> SweepSummary:
     return SweepSummary(plan.sweep_uri, trials, best, best_config_uri, seconds)
 
 
+def trial_ended(last_result: dict[str, Any] | None, error: Exception | None) -> bool:
+    """Whether a trial of a returned ``Tuner.fit`` is over: it failed, or Tune marked its last result done.
+
+    Tune marks it done when the trial function returns (every epoch trained, the LoRA exported) and when
+    the scheduler stops the trial; a trial that was running when the sweep was interrupted has reported
+    epochs but is not done, and the next run of the sweep continues it.
+    """
+    return error is not None or bool((last_result or {}).get("done"))
+
+
 def trial_row(config: TuneConfig, result: Any, sweep_uri: str) -> dict[str, Any]:
     """One trial's row of the results table, read from its own training run's per-epoch metrics."""
     trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
     run_uri = storage.join(sweep_uri, RUNS_DIR, trial_id)
-    epochs = trainer.read_epochs(run_uri)
+    epochs = runs.read_epochs(run_uri)
     scored = [row for row in epochs if _is_number(row.get(config.metric))]
     sign = 1 if config.mode == "max" else -1
     best_epoch = max(scored, key=lambda row: sign * row[config.metric]) if scored else {}

@@ -1,7 +1,9 @@
-"""Fine-tune a LoRA that makes the inpainting model paint empty rooms, on Ray Train.
+"""Fine-tune the inpainting model to paint empty rooms, on Ray Train: a LoRA, or the whole UNet.
 
 python jobs/train.py --config configs/train.yaml --input s3://rooms/empty/ --output s3://models/loras/ \
     --set data.library=s3://rooms/mask-library/ --set name=lora-r8
+
+--set mode=full trains every UNet weight instead and exports a model folder for inpaint.model.
 
 --input sets data.rooms (empty-room photos), --output sets storage (the run folder's parent).
 Starting a run with the same name and storage resumes it from its latest checkpoint.
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.table())
     best = f"{config.checkpoint_metric}={summary.best_score:.4f}"
     print(f"done in {summary.seconds:.1f}s; best epoch {summary.best_epoch} ({best})")
-    print(f"LoRA: {summary.lora_uri}  (use it with --set inpaint.lora={summary.lora_uri})")
+    what = "model" if config.mode == "full" else "LoRA"
+    print(f"{what}: {summary.output_uri}  (use it with --set {summary.output_key}={summary.output_uri})")
     return 0
 
 

@@ -269,6 +269,15 @@ def test_rayjob_entrypoint_is_a_real_job_command(path: Path, load_job, monkeypat
     assert type(config).__name__.endswith("Config")
 
 
+def test_defurnish_rayjob_grows_its_pools_onto_every_gpu(load_job, monkeypatch):
+    argv = shlex.split(only(CLUSTER / "rayjob-defurnish.yaml", "RayJob")["spec"]["entrypoint"])
+    resources = parse_job_command(argv, load_job, monkeypatch).ray
+    # No ceiling but the cluster's: Ray Data asks the autoscaler for a100 pods while the pools are busy.
+    assert resources.masking_actors.max is None and resources.inpainting_actors.max is None
+    # Each GPU holds one painting actor and one segmenter, so the painting pool can have every GPU.
+    assert resources.inpainting_gpus > 0.5 and resources.inpainting_gpus + resources.masking_gpus == 1
+
+
 def commands_in_comments() -> list[tuple[str, str]]:
     """(file, command) for every `python jobs/...` command shown in the cluster files' comments."""
     found = []

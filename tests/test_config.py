@@ -3,7 +3,16 @@
 import pytest
 import yaml
 
-from casalimpia.config import ConfigError, DefurnishConfig, TrainConfig, TuneConfig, load_config, to_yaml
+from casalimpia.config import (
+    ActorPoolConfig,
+    BenchConfig,
+    ConfigError,
+    DefurnishConfig,
+    TrainConfig,
+    TuneConfig,
+    load_config,
+    to_yaml,
+)
 
 
 @pytest.fixture
@@ -48,6 +57,10 @@ def test_values_are_taken_verbatim(config_file):
         ("masking.preset=everything", "masking.preset: must be one of"),
         ("write.format=gif", "write.format: must be one of"),
         ("ray.masking_gpus=-1", "ray.masking_gpus: must be non-negative"),
+        ("ray.inpainting_actors={min: 0}", "ray.inpainting_actors.min: must be at least 1"),
+        ("ray.inpainting_actors={min: 4, max: 2}", "ray.inpainting_actors.max: must be at least min"),
+        ("ray.masking_actors=many", "ray.masking_actors: expected {min: N, max: M or null} or an integer"),
+        ("ray.masking_actors={size: 2}", "ray.masking_actors.size: unknown key"),
         ("inpaint=3", "inpaint: expected a mapping"),
         ("output=in", "output: must differ from input"),
         ("output=in/results", "output: must not be inside input"),
@@ -72,6 +85,19 @@ def test_missing_input_and_file(tmp_path):
 def test_structure_cannot_be_removed(config_file):
     with pytest.raises(ConfigError, match=r"masking\.remove: the room's structure is never removed"):
         load_config(config_file, ["masking.remove=[wall]"])
+
+
+def test_actor_pools_grow_within_min_and_max_and_an_integer_fixes_them(config_file):
+    assert load_config(config_file).ray.inpainting_actors == ActorPoolConfig(min=1, max=None)
+    grows = load_config(config_file, ["ray.inpainting_actors={min: 2, max: null}", "ray.masking_actors.max=8"])
+    assert grows.ray.inpainting_actors == ActorPoolConfig(min=2, max=None)
+    assert grows.ray.masking_actors == ActorPoolConfig(min=1, max=8)
+    assert load_config(config_file, ["ray.inpainting_actors=3"]).ray.inpainting_actors == ActorPoolConfig(3, 3)
+    # The production config grows onto whatever the cluster gives; the benchmark needs fixed pools.
+    production = load_config("configs/defurnish.yaml", values={"input": "a", "output": "b"}).ray
+    assert production.masking_actors.max is None and production.inpainting_actors.max is None
+    with pytest.raises(ConfigError, match=r"ray\.inpainting_actors: the benchmark times a fixed pool"):
+        load_config("configs/bench_demo.yaml", ["ray.inpainting_actors={min: 1, max: 2}"], BenchConfig)
 
 
 def test_hash_tracks_output_affecting_values_only(config_file):

@@ -22,7 +22,7 @@ import pytest
 from casalimpia import faults, storage
 from casalimpia.config import load_config
 from casalimpia.pipeline import execute, prepare, read_manifest
-from casalimpia.synthetic import write_demo_rooms
+from casalimpia.synthetic import write_demo_rooms, write_room_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 8
@@ -80,8 +80,11 @@ def test_fault_names_are_checked(monkeypatch, tmp_path):
     assert faults.armed("inpainter") == str(tmp_path / "a")
     assert faults.armed("train_worker") == str(tmp_path / "b")
     monkeypatch.setenv(faults.FAULTS_ENV, "inpainters=/tmp/x")
-    with pytest.raises(ValueError, match="NAME=MARKER"):
+    with pytest.raises(ValueError, match="NAME=VALUE"):
         faults.armed("inpainter")
+    monkeypatch.setenv(faults.FAULTS_ENV, "inpainter_oom=a.jpg")
+    with pytest.raises(ValueError, match="inpainter_oom=N or inpainter_oom=N:PHOTO"):
+        faults.armed("inpainter_oom")
     monkeypatch.delenv(faults.FAULTS_ENV)
     assert faults.armed("inpainter") is None
     # Unarmed, and armed but already fired: nothing happens.
@@ -100,6 +103,28 @@ def test_inpainting_actor_that_dies_is_replaced_and_its_batch_redone(fault_free,
     assert summary.counts == {"ok": PHOTOS, "failed": len(BAD)}
     check_accounted(str(tmp_path / "out"), inputs)
     assert outputs(str(tmp_path / "out")) == expected
+
+
+def test_out_of_memory_costs_only_the_photo_that_runs_out_alone(ray_local, tmp_path, monkeypatch):
+    # Two synthetic rooms with their exact masks, so that both are painted, in one batch.
+    write_room_pairs(tmp_path / "rooms", count=2, seed=0)
+    photos, out = str(tmp_path / "rooms" / "furnished"), str(tmp_path / "out")
+    # The painting model runs out of memory on two photos at once, and on room_001 even alone.
+    monkeypatch.setenv(faults.FAULTS_ENV, "inpainter_oom=1:room_001.png")
+    masks = f"masking.masks={tmp_path / 'rooms' / 'masks'}"
+    summary = execute(prepare(job_config(photos, out, masks, "ray.inpainting_actors=1")))
+    print(f"out of memory on two photos at once and on room_001.png alone: {summary.line()}")
+    assert summary.counts == {"ok": 1, "failed": 1}
+    painted, doomed = (row for row in sorted(read_manifest(out), key=lambda row: row["source"]))
+    assert (painted["source"], painted["status"], painted["output"]) == ("room_000.png", "ok", "images/room_000.png")
+    error = f"inpainting failed: injected fault: out of memory on 1 photo(s) ({faults.FAULTS_ENV})"
+    assert (doomed["source"], doomed["status"], doomed["error"], doomed["output"]) == (
+        "room_001.png",
+        "failed",
+        error,
+        "",
+    )
+    assert storage.list_files(str(tmp_path / "out" / "images")) == ["room_000.png"]
 
 
 def test_flaky_s3_endpoint_is_retried_until_every_photo_is_written(fault_free, s3_faults, s3_bucket):

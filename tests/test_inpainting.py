@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from casalimpia import faults
 from casalimpia.config import InpaintConfig
 from casalimpia.images import decode_image, encode_image
 from casalimpia.inpainting import (
@@ -146,3 +147,20 @@ def test_speed_settings_paint_what_the_plain_model_paints(inpainter, settings):
         assert hasattr(fast.pipe.unet, "_orig_mod")  # compiled, not silently skipped
     for plain, sped_up in zip(inpainter.paint(photos, masks, sources), fast.paint(photos, masks, sources), strict=True):
         assert np.abs(plain.astype(int) - sped_up).max() <= 2
+
+
+def test_a_batch_out_of_memory_is_painted_in_halves_and_only_a_photo_that_fails_alone_fails(inpainter, monkeypatch):
+    rooms = [render_room(seed, 128, 96) for seed in range(10, 14)]
+    sources = ["a.png", "b.png", "c.png", "d.png"]
+    expected = _paint(inpainter, _batch(rooms, sources=sources))
+    # The model runs out of memory on more than one photo at once, so every photo painted was painted
+    # alone, and on c.png even alone.
+    monkeypatch.setenv(faults.FAULTS_ENV, "inpainter_oom=1:c.png")
+    stage, kwargs = faults.stage("inpainter", Inpainter, {"config": CONFIG})
+    out = _paint(stage(**kwargs), _batch(rooms, sources=sources))
+    assert list(out["error"][[0, 1, 3]]) == ["", "", ""]
+    assert out["error"][2] == f"inpainting failed: injected fault: out of memory on 1 photo(s) ({faults.FAULTS_ENV})"
+    for i in (0, 1, 3):
+        # The seed follows the photo, not the batch; batched kernels may round differently.
+        assert np.abs(out["image"][i].astype(int) - expected["image"][i].astype(int)).max() <= 2
+    assert np.array_equal(out["image"][2], rooms[2].furnished), "the failed photo is left as it was"

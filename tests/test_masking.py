@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from casalimpia import faults
 from casalimpia.classes import (
     ADE20K_CLASSES,
     BUILTIN,
@@ -127,3 +128,18 @@ def test_masker_names_the_removal_classes_in_each_label_map():
         assert split_class_names(out["classes"][i]) == present
         assert out["mask"][i].any() == bool(present)
     assert out["classes"][0] and not out["classes"][1]
+
+
+def test_a_batch_out_of_memory_is_segmented_in_halves_and_only_a_photo_that_fails_alone_fails(monkeypatch):
+    config = MaskingConfig(model="tiny", resolution=64, preset="movable+builtin")
+    images = [render_room(seed, 128, 96).furnished for seed in range(3)]
+    expected = FurnitureMasker(config)(_batch(images))
+    # The model runs out of memory on more than one photo at once, and on room-1.png even alone.
+    monkeypatch.setenv(faults.FAULTS_ENV, "masker_oom=1:room-1.png")
+    stage, kwargs = faults.stage("masker", FurnitureMasker, {"config": config})
+    out = stage(**kwargs)(_batch(images))
+    assert out["error"][1] == f"segmentation failed: injected fault: out of memory on 1 photo(s) ({faults.FAULTS_ENV})"
+    assert out["mask"][1].size == 0 and out["mask_fraction"][1] == 0 and out["seconds_mask"][1] == 0
+    for i in (0, 2):
+        assert out["error"][i] == "" and np.array_equal(out["mask"][i], expected["mask"][i])
+        assert out["classes"][i] == expected["classes"][i]

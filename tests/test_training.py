@@ -12,8 +12,8 @@ from casalimpia.config import DefurnishConfig, TrainConfig, load_config
 from casalimpia.images import decode_image, decode_mask
 from casalimpia.inpainting import LORA_WEIGHTS, Inpainter
 from casalimpia.pipeline import JobError, execute, prepare
-from casalimpia.synthetic import write_room_pairs
-from casalimpia.training import trainer
+from casalimpia.synthetic import render_room, write_room_pairs
+from casalimpia.training import runs, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_two_workers_then_a_restarted_run_resumes_past_a_worker_death(
     run = tmp_path / "demo"
     assert {LORA_WEIGHTS, "config.yaml"} <= {p.name for p in (run / "lora").iterdir()}
     assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "W&B wrote an offline run"
-    first = trainer.read_epochs(str(run))
+    first = runs.read_epochs(str(run))
     steps = first[0]["step"]
     assert [row["epoch"] for row in first] == [1] and steps >= 1
 
@@ -104,7 +104,7 @@ def test_overfitting_one_room_then_its_lora_changes_what_the_defurnishing_job_pa
     write_room_pairs(rooms, count=2, seed=300)
     defurnish = load_config(
         ROOT / "configs/demo.yaml",
-        [f"masking.masks={rooms / 'masks'}", "write.format=png", f"inpaint.lora={summary.lora_uri}"],
+        [f"masking.masks={rooms / 'masks'}", "write.format=png", f"inpaint.lora={summary.output_uri}"],
         DefurnishConfig,
         {"input": str(rooms / "furnished"), "output": str(tmp_path / "out")},
     )
@@ -122,6 +122,26 @@ def test_overfitting_one_room_then_its_lora_changes_what_the_defurnishing_job_pa
     base = Inpainter(dataclasses.replace(defurnish.inpaint, lora=None)).paint(photos, masks, names)
     assert len(painted) == 2
     assert all(not np.array_equal(a, b) for a, b in zip(base, painted, strict=True))
+
+
+def test_full_training_job_exports_a_model_for_inpaint_model(ray_local, load_job, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    arguments = ["--config", "configs/train_demo.yaml", "--output", str(tmp_path), "--set", "mode=full"]
+    overrides = ["name=base", "epochs=1", "data.limit=2", "data.validation_rooms=1", "tracking.wandb=false"]
+    assert load_job("train").main([*arguments, *(f"--set={item}" for item in overrides)]) == 0
+    model = tmp_path / "base" / "model"
+    assert f"model: {model}  (use it with --set inpaint.model={model})" in capsys.readouterr().out
+    assert {"model_index.json", "config.yaml"} <= {p.name for p in model.iterdir()}
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "base" / "lora").exists()
+
+    # The de-furnishing job accepts it as it accepts a hub id, and it paints differently from its base.
+    room = render_room(7, 64, 64)
+    config = demo_config(tmp_path).inpaint
+    painted = Inpainter(dataclasses.replace(config, model=str(model))).paint([room.furnished], [room.mask], ["a"])[0]
+    base = Inpainter(config).paint([room.furnished], [room.mask], ["a"])[0]
+    assert not np.array_equal(painted, base)
+    assert np.array_equal(painted[~room.mask], room.furnished[~room.mask])
 
 
 def test_prepare_fails_fast_with_one_line(tmp_path):

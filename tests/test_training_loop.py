@@ -10,7 +10,8 @@ from casalimpia.config import TrainConfig, build
 from casalimpia.inpainting import LORA_WEIGHTS, Inpainter
 from casalimpia.synthetic import render_room
 from casalimpia.training.data import Pair
-from casalimpia.training.loop import TRAINING_STATE, LoraTrainer, NonFiniteLossError, resolve_precision
+from casalimpia.training.loop import MODEL_DIR, InpaintingTrainer
+from casalimpia.training.worker import TRAINING_STATE, NonFiniteLossError, resolve_precision
 
 CPU = torch.device("cpu")
 SIZE = 64
@@ -45,7 +46,7 @@ def batch_of(pair: Pair, count: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
-def lora_weights(trainer: LoraTrainer) -> dict[str, torch.Tensor]:
+def trained_weights(trainer: InpaintingTrainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.unet.named_parameters() if p.requires_grad}
 
 
@@ -63,41 +64,41 @@ def test_precision_on_the_cpu():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_mixed_precision_steps_stay_finite_and_train_only_the_lora(precision):
-    trainer = LoraTrainer(tiny_config(precision=precision, optim__learning_rate=1e-3), CPU, total_steps=3)
+    trainer = InpaintingTrainer(tiny_config(precision=precision, optim__learning_rate=1e-3), CPU, total_steps=3)
     frozen = {name: p.detach().clone() for name, p in trainer.unet.named_parameters() if not p.requires_grad}
-    before = lora_weights(trainer)
+    before = trained_weights(trainer)
     assert all(p.dtype == torch.float32 for p in trainer.parameters), "LoRA weights stay fp32"
     losses = [trainer.train_batch(batch_of(room_pair())) for _ in range(3)]
     assert all(loss is not None and np.isfinite(loss) for loss in losses)
-    assert trainer.step == 3 and trainer.nonfinite == 0
-    after = lora_weights(trainer)
+    assert trainer.optimisation.step == 3 and trainer.optimisation.nonfinite == 0
+    after = trained_weights(trainer)
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert all(torch.equal(frozen[name], p) for name, p in trainer.unet.named_parameters() if name in frozen)
 
 
 def test_gradient_accumulation_steps_once_per_window():
-    trainer = LoraTrainer(tiny_config(optim__grad_accum=2), CPU, total_steps=2)
+    trainer = InpaintingTrainer(tiny_config(optim__grad_accum=2), CPU, total_steps=2)
     pair = room_pair()
     trainer.train_batch(batch_of(pair))
-    assert trainer.step == 0
+    assert trainer.optimisation.step == 0
     trainer.train_batch(batch_of(pair))
-    assert trainer.step == 1
+    assert trainer.optimisation.step == 1
     trainer.train_batch(batch_of(pair))
-    trainer.finish_epoch()  # the partial window left at the end of an epoch still counts
-    assert trainer.step == 2
-    trainer.finish_epoch()
-    assert trainer.step == 2
+    trainer.optimisation.finish_epoch()  # the partial window left at the end of an epoch still counts
+    assert trainer.optimisation.step == 2
+    trainer.optimisation.finish_epoch()
+    assert trainer.optimisation.step == 2
 
 
 def test_nonfinite_losses_skip_steps_then_stop_the_run():
-    trainer = LoraTrainer(tiny_config(optim__max_nonfinite=3), CPU, total_steps=10)
+    trainer = InpaintingTrainer(tiny_config(optim__max_nonfinite=3), CPU, total_steps=10)
     assert trainer.train_batch(batch_of(room_pair())) is not None
     with torch.no_grad():
         trainer.parameters[0].fill_(float("nan"))  # a diverged adapter
     assert trainer.train_batch(batch_of(room_pair())) is None
     assert trainer.train_batch(batch_of(room_pair())) is None
-    assert trainer.nonfinite == 2 and trainer.step == 1
+    assert trainer.optimisation.nonfinite == 2 and trainer.optimisation.step == 1
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*optim\.learning_rate"):
         trainer.train_batch(batch_of(room_pair()))
 
@@ -117,18 +118,18 @@ def test_checkpoint_round_trip_and_the_lora_paints_in_the_defurnishing_inpainter
         lora__alpha=8,
         lora__target_modules=targets,
     )
-    trainer = LoraTrainer(config, CPU, total_steps=8)
+    trainer = InpaintingTrainer(config, CPU, total_steps=8)
     for _ in range(4):
         trainer.train_batch(batch_of(room_pair()))
     trainer.save_checkpoint(tmp_path, epoch=1)
     assert {LORA_WEIGHTS, TRAINING_STATE, "config.yaml"} <= {p.name for p in tmp_path.iterdir()}
 
-    resumed = LoraTrainer(config, CPU, total_steps=8)
+    resumed = InpaintingTrainer(config, CPU, total_steps=8)
     state = torch.load(tmp_path / TRAINING_STATE, weights_only=False)
     resumed.load_state_dict(state)
-    assert state["epoch"] == 1 and resumed.step == 4
-    assert resumed.learning_rate == pytest.approx(trainer.learning_rate)
-    original, restored = lora_weights(trainer), lora_weights(resumed)
+    assert state["epoch"] == 1 and resumed.optimisation.step == 4
+    assert resumed.optimisation.learning_rate == pytest.approx(trainer.optimisation.learning_rate)
+    original, restored = trained_weights(trainer), trained_weights(resumed)
     assert all(torch.equal(original[name], restored[name]) for name in original)
 
     pair = room_pair(2)
@@ -142,8 +143,73 @@ def test_checkpoint_round_trip_and_the_lora_paints_in_the_defurnishing_inpainter
     assert np.abs(outputs[0].astype(int) - painted.astype(int)).max() <= 2
 
 
+def test_full_training_trains_every_unet_weight_and_exports_a_model_the_inpainter_loads(tmp_path):
+    config = tiny_config(mode="full", optim__learning_rate=1e-3)
+    trainer = InpaintingTrainer(config, CPU, total_steps=4)
+    unet = dict(trainer.unet.named_parameters())
+    assert {name for name, p in unet.items() if p.requires_grad} == set(unet)
+    assert not any(p.requires_grad for p in trainer.pipe.vae.parameters())
+    before = trained_weights(trainer)
+    for _ in range(2):
+        trainer.train_batch(batch_of(room_pair()))
+    after = trained_weights(trainer)
+    changed = sum(not torch.equal(before[name], after[name]) for name in before)
+    assert changed > 0.9 * len(before)
+    trainer.save_checkpoint(tmp_path, epoch=0)
+    assert (tmp_path / MODEL_DIR / "model_index.json").is_file() and not (tmp_path / LORA_WEIGHTS).exists()
+
+    resumed = InpaintingTrainer(config, CPU, total_steps=4)
+    resumed.load_state_dict(torch.load(tmp_path / TRAINING_STATE, weights_only=False))
+    assert all(torch.equal(after[name], p) for name, p in trained_weights(resumed).items())
+    with pytest.raises(ValueError, match="mode 'lora'"):
+        InpaintingTrainer(tiny_config(), CPU, total_steps=4).load_state_dict(
+            torch.load(tmp_path / TRAINING_STATE, weights_only=False)
+        )
+
+    # The exported folder is a model like any other: the de-furnishing inpainter paints with it
+    # exactly what validation painted.
+    pair = room_pair(2)
+    exported = Inpainter(dataclasses.replace(config.inpaint, model=str(tmp_path / MODEL_DIR)))
+    painted = exported.paint([pair.image], [pair.mask], [pair.source])[0]
+    _, outputs = trainer.validate([pair])
+    assert np.array_equal(outputs[0], painted)
+    base = Inpainter(config.inpaint).paint([pair.image], [pair.mask], [pair.source])[0]
+    assert not np.array_equal(base, painted)
+
+
+def test_moving_average_is_what_validation_paints_and_what_resumes(tmp_path):
+    config = tiny_config(mode="full", optim__learning_rate=1e-2, optim__ema_decay=0.9)
+    trainer = InpaintingTrainer(config, CPU, total_steps=6)
+    for _ in range(3):
+        trainer.train_batch(batch_of(room_pair()))
+    raw = trained_weights(trainer)
+    with trainer.optimisation.averaged():
+        averaged = trained_weights(trainer)
+    assert trained_weights(trainer).keys() == raw.keys()
+    assert all(torch.equal(raw[name], p) for name, p in trained_weights(trainer).items()), "weights restored"
+    assert any(not torch.equal(raw[name], averaged[name]) for name in raw)
+
+    # Validation and the export both use the average.
+    trainer.save_checkpoint(tmp_path, epoch=0)
+    pair = room_pair(2)
+    _, outputs = trainer.validate([pair])
+    exported = Inpainter(dataclasses.replace(config.inpaint, model=str(tmp_path / MODEL_DIR)))
+    assert np.array_equal(outputs[0], exported.paint([pair.image], [pair.mask], [pair.source])[0])
+
+    # A resumed run continues the same average from the same raw weights.
+    resumed = InpaintingTrainer(config, CPU, total_steps=6)
+    resumed.load_state_dict(torch.load(tmp_path / TRAINING_STATE, weights_only=False))
+    assert all(torch.equal(raw[name], p) for name, p in trained_weights(resumed).items())
+    with resumed.optimisation.averaged():
+        assert all(torch.equal(averaged[name], p) for name, p in trained_weights(resumed).items())
+    with pytest.raises(ValueError, match="ema_decay"):
+        InpaintingTrainer(tiny_config(mode="full"), CPU, total_steps=6).load_state_dict(
+            torch.load(tmp_path / TRAINING_STATE, weights_only=False)
+        )
+
+
 def test_validation_is_repeatable_and_scored():
-    trainer = LoraTrainer(tiny_config(), CPU, total_steps=1)
+    trainer = InpaintingTrainer(tiny_config(), CPU, total_steps=1)
     pairs = [room_pair(1), room_pair(2)]
     first, outputs = trainer.validate(pairs)
     second, _ = trainer.validate(pairs)

@@ -1,10 +1,11 @@
-"""One data-parallel training worker: a LoRA on the inpainting UNet, trained to paint empty rooms.
+"""One data-parallel training worker: the inpainting UNet, trained to paint empty rooms.
 
-``LoraTrainer`` holds everything a worker trains with (frozen VAE, text encoder and UNet, the
-LoRA adapter, optimizer, learning-rate schedule, gradient scaler) and works without Ray, so tests
-can drive it step by step. ``train_loop_per_worker`` is the Ray Train entry point around it: it
-reads the worker's dataset shard, resumes from the latest checkpoint, validates on rank 0 after
-every epoch with the de-furnishing inpainter, and reports metrics and checkpoints.
+``InpaintingTrainer`` holds everything a worker trains with (frozen VAE and text encoder, the UNet
+with a LoRA adapter or trained in full, optimizer, learning-rate schedule, gradient scaler, the
+weights' moving average) and works without Ray, so tests can drive it step by step.
+``train_loop_per_worker`` is the Ray Train entry point around it: it reads the worker's dataset
+shard, resumes from the latest checkpoint, validates on rank 0 after every epoch with the
+de-furnishing inpainter, and reports metrics and checkpoints.
 
 The UNet's input is the SD2 inpainting layout: 4 noisy latents + 1 mask at latent size + 4
 latents of the masked image; the loss target follows the noise scheduler's ``prediction_type``.
@@ -14,70 +15,39 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from casalimpia.config import TrainConfig, build, to_yaml
 from casalimpia.inpainting import Inpainter
 from casalimpia.models import Placement, load_inpainting_pipeline
+from casalimpia.training.worker import (
+    TRAINING_STATE,
+    Optimisation,
+    mean_everywhere,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
-TRAINING_STATE = "training_state.pt"
-"""File in a checkpoint folder with what resuming needs besides the LoRA: optimizer, schedule, step."""
+MODEL_DIR = "model"
+"""Folder in a full-training checkpoint with the whole inpainting pipeline, ready for ``inpaint.model``."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run has diverged."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a worker computes: the autocast dtype (None for fp32), the frozen weights' dtype, the scaler."""
-
-    autocast: torch.dtype | None
-    weights: torch.dtype
-    scaler: bool
-    reason: str
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """Mixed precision for a worker on device; trainable LoRA weights always stay in fp32.
-
-    Frozen weights take the half dtype on an accelerator (half the memory and bandwidth) and stay
-    fp32 on the CPU, where half-precision kernels are slow; autocast picks per-op dtypes either way.
-    """
-    on_cpu = device.type == "cpu"
-    if name == "auto":
-        if on_cpu:
-            return Precision(None, torch.float32, False, "fp32: training on the CPU")
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            name, why = "bf16", "bf16: supported by this GPU, no loss scaling needed"
-        else:
-            name, why = "fp16", "fp16 with loss scaling: this accelerator has no bf16"
-    else:
-        why = f"{name} as configured"
-    if name == "fp32":
-        return Precision(None, torch.float32, False, why)
-    half = torch.bfloat16 if name == "bf16" else torch.float16
-    return Precision(half, torch.float32 if on_cpu else half, name == "fp16", why)
-
-
-class LoraTrainer:
-    """The LoRA-adapted inpainting model of one worker and its optimisation state.
+class InpaintingTrainer:
+    """The inpainting UNet of one worker, LoRA-adapted or trained in full, and its optimisation state.
 
     ``wrap`` turns the UNet into what the forward pass calls (``ray.train.torch.prepare_model``
-    for DDP); the unwrapped UNet is what is saved and what validation paints with.
+    for DDP); the unwrapped UNet is what is saved and what validation paints with. Trained weights
+    are kept in fp32 whatever the precision; with ``optim.ema_decay`` their moving average is what
+    validation paints with and what is exported.
     """
 
     def __init__(
@@ -89,9 +59,7 @@ class LoraTrainer:
         rank: int = 0,
     ) -> None:
         from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         self.config = config
         self.device = device
@@ -103,10 +71,40 @@ class LoraTrainer:
         for model in (self.pipe.vae, self.pipe.text_encoder, self.pipe.unet):
             model.requires_grad_(False)
         self.unet = self.pipe.unet
-        lora = config.lora
+        if config.mode == "lora":
+            self._add_adapter()
+        else:
+            self.unet.requires_grad_(True)
+        cast_training_params(self.unet, dtype=torch.float32)
+        self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        self.unet.train()
+        self.model = wrap(self.unet) if wrap is not None else self.unet
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        prompt = config.inpaint.prompt if config.prompt is None else config.prompt
+        self.prompt_embeddings = self._encode_prompt(prompt)
+        self.optimisation = Optimisation(
+            config.optim, self.parameters, self.precision, total_steps, device, precision_name=config.precision
+        )
+        # Noise, timesteps and latent samples come from one generator per worker: a run is
+        # reproducible, and a resumed run draws what the uninterrupted one would have.
+        self.generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank)
+        self._inpainter: Inpainter | None = None
+        trained = sum(p.numel() for p in self.parameters)
+        if config.mode == "lora":
+            lora = config.lora
+            where = f"LoRA rank {lora.rank} alpha {lora.alpha:g} on {', '.join(lora.target_modules)}"
+        else:
+            where = "the whole UNet"
+        decay = config.optim.ema_decay
+        log.info("training %s: %d parameters%s", where, trained, f", EMA decay {decay:g}" if decay else "")
+
+    def _add_adapter(self) -> None:
+        from peft import LoraConfig
+
+        lora = self.config.lora
         with torch.random.fork_rng(devices=[]):
             # Every worker starts from the same adapter; DDP also broadcasts rank 0's weights.
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.config.seed)
             self.unet.add_adapter(
                 LoraConfig(
                     r=lora.rank,
@@ -116,36 +114,6 @@ class LoraTrainer:
                     init_lora_weights="gaussian",
                 )
             )
-        cast_training_params(self.unet, dtype=torch.float32)
-        self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
-        self.unet.train()
-        self.model = wrap(self.unet) if wrap is not None else self.unet
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        prompt = config.inpaint.prompt if config.prompt is None else config.prompt
-        self.prompt_embeddings = self._encode_prompt(prompt)
-        self.optimizer = _make_optimizer(config.optim, self.parameters)
-        self.lr_scheduler = get_scheduler(
-            config.optim.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=config.optim.warmup_steps,
-            num_training_steps=max(1, total_steps),
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
-        # Noise, timesteps and latent samples come from one generator per worker: a run is
-        # reproducible, and a resumed run draws what the uninterrupted one would have.
-        self.generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank)
-        self.step = 0
-        self.nonfinite = 0
-        self._consecutive_nonfinite = 0
-        self._micro = 0
-        self._inpainter: Inpainter | None = None
-        log.info(
-            "LoRA rank %d alpha %g on %s: %d trainable parameters",
-            lora.rank,
-            lora.alpha,
-            ", ".join(lora.target_modules),
-            sum(p.numel() for p in self.parameters),
-        )
 
     @torch.no_grad()
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -162,10 +130,6 @@ class LoraTrainer:
         if self.precision.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision.autocast)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr_scheduler.get_last_lr()[0]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoising loss of a batch of pairs (``image``, ``target``: uint8 NHWC; ``mask``: NHW)."""
@@ -191,6 +155,8 @@ class LoraTrainer:
             expected = noise
         elif prediction_type == "v_prediction":
             expected = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        elif prediction_type == "sample":
+            expected = latents
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         unet_input = torch.cat([noisy, latent_mask, masked_latents], dim=1)
@@ -200,63 +166,8 @@ class LoraTrainer:
         return F.mse_loss(predicted.float(), expected.float())
 
     def train_batch(self, batch: dict[str, torch.Tensor]) -> float | None:
-        """One micro-batch: backward, and an optimizer step every ``grad_accum`` micro-batches.
-
-        Returns the loss, or None when it was not finite (on any worker): that accumulation window
-        is dropped on every worker alike, so DDP stays in step.
-        """
-        loss = self.loss(batch)
-        if not _finite_everywhere(loss):
-            self._skip_nonfinite()
-            return None
-        self._consecutive_nonfinite = 0
-        accumulate = self.config.optim.grad_accum
-        last = (self._micro + 1) % accumulate == 0
-        # Gradients are all-reduced once per window, on its last micro-batch.
-        no_sync = getattr(self.model, "no_sync", None)
-        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
-            self.scaler.scale(loss / accumulate).backward()
-        self._micro += 1
-        if last:
-            self._optimizer_step()
-        return float(loss.detach())
-
-    def finish_epoch(self) -> None:
-        """Step on a partial accumulation window left at the end of an epoch."""
-        if self._micro % self.config.optim.grad_accum == 0:
-            return
-        if _distributed():
-            # The window's micro-batches all ran under no_sync: average their gradients by hand.
-            for parameter in self.parameters:
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= dist.get_world_size()
-        self._optimizer_step()
-
-    def _optimizer_step(self) -> None:
-        if self.config.optim.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optim.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._micro = 0
-        self.step += 1
-
-    def _skip_nonfinite(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._micro = 0
-        self.nonfinite += 1
-        self._consecutive_nonfinite += 1
-        limit = self.config.optim.max_nonfinite
-        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self._consecutive_nonfinite)
-        if self._consecutive_nonfinite >= limit:
-            raise NonFiniteLossError(
-                f"{limit} non-finite losses in a row at step {self.step} (optim.max_nonfinite): the run diverged. "
-                f"Lower optim.learning_rate (now {self.config.optim.learning_rate:g}), keep optim.max_grad_norm on, "
-                f"or train in bf16 or fp32 (precision is {self.config.precision})."
-            )
+        """One micro-batch through :meth:`Optimisation.backward`: the loss, or None when it was skipped."""
+        return self.optimisation.backward(self.loss(batch), self.model)
 
     def validate(self, pairs: list[Any], lpips: Any = None) -> tuple[dict[str, float], list[np.ndarray]]:
         """Inpaint the validation pairs as the de-furnishing job would; returns (metrics, outputs).
@@ -272,7 +183,7 @@ class LoraTrainer:
             self._inpainter = Inpainter(self.config.inpaint, pipeline=self.pipe)
         self.unet.eval()
         try:
-            with self._autocast():
+            with self._autocast(), self.optimisation.averaged():
                 outputs = self._inpainter.paint(
                     [pair.image for pair in pairs], [pair.mask for pair in pairs], [pair.source for pair in pairs]
                 )
@@ -281,88 +192,67 @@ class LoraTrainer:
         scores = score(outputs, [pair.target for pair in pairs], [pair.mask for pair in pairs], lpips)
         return {f"val/{name}": value for name, value in scores.items()}, outputs
 
-    def save_lora(self, folder: str | Path) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` into folder: PEFT keys, the LoraConfig as metadata.
+    def save_weights(self, folder: str | Path) -> None:
+        """Export what was trained (averaged, with EMA) in the form the de-furnishing job loads.
 
-        Not converted to diffusers' older key names: they exist for attention projections only, so an
-        adapter on convolutions too would be written in two formats, and the loader, reading the first
-        key, would drop the half in the other one. The metadata carries alpha, which shapes cannot.
+        LoRA: ``pytorch_lora_weights.safetensors`` in folder, PEFT keys with the LoraConfig as
+        metadata. Not converted to diffusers' older key names: they exist for attention projections
+        only, so an adapter on convolutions too would be written in two formats, and the loader,
+        reading the first key, would drop the half in the other one. The metadata carries alpha,
+        which shapes cannot. Full: the whole pipeline under ``model/``, for ``inpaint.model``.
         """
         from diffusers import StableDiffusionInpaintPipeline
         from peft.utils import get_peft_model_state_dict
 
-        StableDiffusionInpaintPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=get_peft_model_state_dict(self.unet),
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
-        )
+        with self.optimisation.averaged():
+            if self.config.mode == "full":
+                self.pipe.save_pretrained(Path(folder) / MODEL_DIR, safe_serialization=True)
+                return
+            StableDiffusionInpaintPipeline.save_lora_weights(
+                folder,
+                unet_lora_layers=get_peft_model_state_dict(self.unet),
+                unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+            )
 
-    def state_dict(self) -> dict[str, Any]:
-        """What resuming needs: adapter, optimizer, schedule, scaler and counters."""
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
+        return self.unet.state_dict() if self.config.mode == "full" else get_peft_model_state_dict(self.unet)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs: the trained weights (as trained, not averaged) and the optimisation state."""
         return {
-            "lora": get_peft_model_state_dict(self.unet),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "nonfinite": self.nonfinite,
+            self.config.mode: self._trained_weights(),
             "generator": self.generator.get_state(),
+            **self.optimisation.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.unet, state["lora"])
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"checkpoint LoRA does not match lora.* settings: unexpected keys {unexpected[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        self.nonfinite = state["nonfinite"]
+        if self.config.mode not in state:
+            raise ValueError(f"checkpoint was not trained with mode {self.config.mode!r}")
+        if self.config.mode == "full":
+            self.unet.load_state_dict(state["full"])
+        else:
+            result = set_peft_model_state_dict(self.unet, state["lora"])
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ValueError(f"checkpoint LoRA does not match lora.* settings: unexpected keys {unexpected[:3]}")
+        self.optimisation.load_state_dict(state)
         self.generator.set_state(state["generator"].cpu())
 
     def save_checkpoint(self, folder: str | Path, epoch: int) -> None:
-        """A checkpoint folder: diffusers LoRA, resumable state, and the config it was trained with."""
+        """A checkpoint folder: the export (LoRA or model), resumable state, and the config it was trained with."""
         folder = Path(folder)
-        self.save_lora(folder)
+        self.save_weights(folder)
         torch.save({**self.state_dict(), "epoch": epoch}, folder / TRAINING_STATE)
         (folder / "config.yaml").write_text(to_yaml(self.config))
-
-
-def _make_optimizer(optim: Any, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if optim.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    if optim.optimizer == "adagrad":
-        return torch.optim.Adagrad(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(parameters, lr=optim.learning_rate, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def _to_unit_range(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], the VAE's input range."""
     return pixels.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if _distributed():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def _mean_everywhere(values: list[float], device: torch.device) -> float:
-    """Mean of the values of all workers (NaN when no worker had any)."""
-    totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -385,9 +275,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     is_main = context.get_world_rank() == 0
     fault_marker = loop_config.get("fault_marker") if context.get_world_rank() == 1 else None
     device = ray.train.torch.get_device()
-    trainer = LoraTrainer(
+    trainer = InpaintingTrainer(
         config, device, loop_config["total_steps"], wrap=ray.train.torch.prepare_model, rank=context.get_world_rank()
     )
+    optimisation = trainer.optimisation
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -395,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = torch.load(Path(folder) / TRAINING_STATE, map_location=device, weights_only=False)
         trainer.load_state_dict(state)
         start_epoch = state["epoch"] + 1
-        log.info("resumed from %s: epoch %d, step %d", checkpoint.path, start_epoch, trainer.step)
+        log.info("resumed from %s: epoch %d, step %d", checkpoint.path, start_epoch, optimisation.step)
 
     tracker = open_tracker(config, enabled=is_main)
     pairs, lpips = [], None
@@ -416,23 +307,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if loss is None:
                     continue
                 losses.append(loss)
-                if trainer.step % config.tracking.log_every == 0:
-                    tracker.log({"train/loss": loss, "train/lr": trainer.learning_rate}, trainer.step)
-            trainer.finish_epoch()
+                if optimisation.step % config.tracking.log_every == 0:
+                    tracker.log({"train/loss": loss, "train/lr": optimisation.learning_rate}, optimisation.step)
+            optimisation.finish_epoch()
             metrics: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "step": trainer.step,
-                "train/loss": _mean_everywhere(losses, device),
-                "train/lr": trainer.learning_rate,
-                "train/nonfinite_steps": trainer.nonfinite,
+                "step": optimisation.step,
+                "train/loss": mean_everywhere(losses, device),
+                "train/lr": optimisation.learning_rate,
+                "train/nonfinite_steps": optimisation.nonfinite,
                 "train/shape_warmup": int(warmup),
                 "train/seconds": time.perf_counter() - started,
             }
             if is_main:
                 scores, outputs = trainer.validate(pairs, lpips)
                 metrics.update(scores)
-                tracker.log(metrics, trainer.step)
-                tracker.log_outputs(pairs, outputs, config.tracking.images, trainer.step)
+                tracker.log(metrics, optimisation.step)
+                tracker.log_outputs(pairs, outputs, config.tracking.images, optimisation.step)
             last = epoch + 1 == config.epochs
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
