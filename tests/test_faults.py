@@ -193,13 +193,18 @@ def test_two_nodes_then_one_is_lost_mid_run(fault_free, tmp_path):
     node_id, kill_node = join_worker_node(cpus=2)
     written_when_lost: list[int] = []
 
-    def lose_node_once_photos_are_written() -> None:
-        while not (out / "images").exists() or not storage.list_files(str(out / "images")):
-            time.sleep(0.05)
-        written_when_lost.append(len(storage.list_files(str(out / "images"))))
+    def written() -> int:
+        return len(storage.list_files(str(out / "images"))) if (out / "images").exists() else 0
+
+    def lose_node_once_it_has_worked() -> None:
+        # Mid-run: photos are being written and the second node has run part of the job (on a loaded
+        # machine the scheduler may keep the first photos on the head node).
+        while not (written() and list_tasks(filters=[("node_id", "=", node_id)], limit=1)):
+            time.sleep(0.2)
+        written_when_lost.append(written())
         kill_node()
 
-    killer = threading.Thread(target=lose_node_once_photos_are_written, daemon=True)
+    killer = threading.Thread(target=lose_node_once_it_has_worked, daemon=True)
     try:
         killer.start()
         summary = execute(prepare(job_config(str(input_dir), str(out))))
