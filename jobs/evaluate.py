@@ -1,4 +1,4 @@
-"""Compare inpainting set-ups on rooms whose empty truth is known: quality, residual furniture, speed, cost.
+r"""Compare inpainting set-ups on rooms whose empty truth is known: quality, residual furniture, speed, cost.
 
 python jobs/evaluate.py --config configs/evaluate.yaml --input s3://rooms/empty/ --output s3://evaluations/run-1/ \
     --set data.library=s3://rooms/mask-library/ --set setups.lora.inpaint.lora=s3://models/loras/lora-r8/lora

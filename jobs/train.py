@@ -1,4 +1,4 @@
-"""Fine-tune the inpainting model to paint empty rooms, on Ray Train: a LoRA, or the whole UNet.
+r"""Fine-tune the inpainting model to paint empty rooms, on Ray Train: a LoRA, or the whole UNet.
 
 python jobs/train.py --config configs/train.yaml --input s3://rooms/empty/ --output s3://models/loras/ \
     --set data.library=s3://rooms/mask-library/ --set name=lora-r8

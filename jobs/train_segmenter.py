@@ -1,4 +1,4 @@
-"""Fine-tune the OneFormer segmenter on photos with label maps, on Ray Train.
+r"""Fine-tune the OneFormer segmenter on photos with label maps, on Ray Train.
 
 python jobs/train_segmenter.py --config configs/train_segmenter.yaml --input s3://catalogue/segmentation/ \
     --output s3://models/segmenters/ --set name=oneformer-catalogue

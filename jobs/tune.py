@@ -1,4 +1,4 @@
-"""Search the LoRA training hyperparameters with Ray Tune: every trial a full training run, ASHA early stopping.
+r"""Search the LoRA training hyperparameters with Ray Tune: every trial a full training run, ASHA early stopping.
 
 python jobs/tune.py --config configs/tune.yaml --input s3://rooms/empty/ --output s3://models/sweeps/ \
     --set train.data.library=s3://rooms/mask-library/
