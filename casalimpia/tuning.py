@@ -258,14 +258,15 @@ def run(plan: SweepPlan) -> SweepSummary:
         )
     grid = tuner.fit()
     seconds = time.perf_counter() - start
-    # After Ctrl-C (or SIGUSR1) Tune returns what it has, and its saved state resumes the rest: trials
-    # not yet generated, and trials that were running, whatever epochs they had reported.
-    if len(grid) < trial_count(config) or not all(trial_ended(result.metrics, result.error) for result in grid):
-        return SweepSummary(plan.sweep_uri, [], None, None, seconds, interrupted=True)
     trials = sorted(
         (trial_row(config, result, plan.sweep_uri) for result in grid),
         key=lambda row: _rank_key(row["best"], config.mode),
     )
+    # After Ctrl-C (or SIGUSR1) Tune returns what it has; its saved state resumes the rest. A trial
+    # that ended without an error reported at least one epoch, and every trial was generated.
+    unfinished = [row for row in trials if row["status"] != "error" and row["epochs"] == 0]
+    if unfinished or len(trials) < trial_count(config):
+        return SweepSummary(plan.sweep_uri, [], None, None, seconds, interrupted=True)
     storage.write_rows(storage.join(plan.sweep_uri, RESULTS_FILE), trials)
     best = trials[0] if trials and _is_number(trials[0]["best"]) else None
     best_config_uri = None
@@ -273,16 +274,6 @@ def run(plan: SweepPlan) -> SweepSummary:
         best_config_uri = storage.join(plan.sweep_uri, BEST_CONFIG_FILE)
         storage.write_bytes(best_config_uri, best_train_yaml(config, best).encode())
     return SweepSummary(plan.sweep_uri, trials, best, best_config_uri, seconds)
-
-
-def trial_ended(last_result: dict[str, Any] | None, error: Exception | None) -> bool:
-    """Whether a trial of a returned ``Tuner.fit`` is over: it failed, or Tune marked its last result done.
-
-    Tune marks it done when the trial function returns (every epoch trained, the LoRA exported) and when
-    the scheduler stops the trial; a trial that was running when the sweep was interrupted has reported
-    epochs but is not done, and the next run of the sweep continues it.
-    """
-    return error is not None or bool((last_result or {}).get("done"))
 
 
 def trial_row(config: TuneConfig, result: Any, sweep_uri: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import yaml
 from casalimpia.config import ConfigError, TrainConfig, TuneConfig, load_config, to_dict
 from casalimpia.pipeline import JobError
 from casalimpia.training import trainer
-from casalimpia.tuning import concurrent_trials, read_results, search_space, trial_config, trial_count, trial_ended
+from casalimpia.tuning import concurrent_trials, read_results, search_space, trial_config, trial_count
 from casalimpia.tuning import prepare as prepare_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,54 +142,3 @@ def test_a_changed_config_does_not_resume_someone_elses_sweep(tmp_path):
     assert prepare_sweep(sweep_config(tmp_path)).resuming
     with pytest.raises(JobError, match="different search or training config"):
         prepare_sweep(sweep_config(tmp_path, "train.epochs=3"))
-
-
-def test_a_trial_interrupted_mid_run_has_not_ended_whatever_it_reported(ray_local, tmp_path):
-    """What decides whether a sweep is over (trial_ended), on real Tune results: when the sweep is
-    interrupted every trial has reported an epoch, but only those that ended count as ended."""
-    from ray import tune
-
-    def trial(params: dict) -> None:
-        tune.report({"epoch": 1, "score": params["score"]})
-        if params["score"] == 0:
-            return  # finished: the function returned
-        if params["score"] == 1:
-            tune.report({"epoch": 2, "score": 1})  # ASHA stops the trial here, at max_t (or at epoch 1)
-        while True:  # the best trial, still at work when the sweep is interrupted
-            time.sleep(0.1)
-
-    class InterruptOnceTwoEndedAndOneRuns(tune.Callback):
-        """Ctrl-C, as a user would press it, right when the best trial has reported and the others have ended."""
-
-        def __init__(self) -> None:
-            self.ended, self.best_reported, self.interrupted = 0, False, False
-
-        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            self.best_reported |= result["score"] == 2
-            self._maybe_interrupt()
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self.ended += 1
-            self._maybe_interrupt()
-
-        def _maybe_interrupt(self) -> None:
-            # Once: a second Ctrl-C would make Tune quit without saving its state.
-            if self.ended == 2 and self.best_reported and not self.interrupted:
-                self.interrupted = True
-                os.kill(os.getpid(), signal.SIGINT)
-
-    tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 0.01}),
-        param_space={"score": tune.grid_search([0, 1, 2])},
-        tune_config=tune.TuneConfig(
-            metric="score",
-            mode="max",
-            scheduler=tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=2, grace_period=1, reduction_factor=2),
-        ),
-        run_config=tune.RunConfig(
-            name="interrupted", storage_path=str(tmp_path), callbacks=[InterruptOnceTwoEndedAndOneRuns()], verbose=0
-        ),
-    )
-    grid = tuner.fit()
-    ended = {result.metrics["score"]: trial_ended(result.metrics, result.error) for result in grid}
-    assert ended == {0: True, 1: True, 2: False}
