@@ -28,6 +28,8 @@ RANDOM_FULL = "random-full"
 """Model reference that builds the default model's full-size architecture with random weights: benchmarks."""
 RANDOM_WEIGHTS = (TINY, RANDOM_FULL)
 """Model references whose outputs are noise."""
+TOY = "toy"
+"""Model reference of the shipped toy models, trained on synthetic rooms (casalimpia.toy): offline demos."""
 MANIFEST_EVERY = 1000
 """Manifest rows a photo job persists at a time by default."""
 
@@ -64,7 +66,7 @@ class MaskingConfig:
     """Which pixels are furniture: OneFormer semantic segmentation and a class policy."""
 
     model: str = "shi-labs/oneformer_ade20k_swin_large"
-    """OneFormer weights: hub id, local folder, s3:// prefix, or 'tiny' (random, for tests)."""
+    """OneFormer weights: hub id, local folder, s3:// prefix, 'toy' (trained on synthetic rooms) or 'tiny' (random)."""
     preset: str = "movable"
     """Classes removed by default: 'movable' or 'movable+builtin'."""
     remove: list[str] = field(default_factory=list)
@@ -105,9 +107,9 @@ class InpaintConfig:
     """How the empty room is painted behind the mask."""
 
     model: str = "stabilityai/stable-diffusion-2-inpainting"
-    """Inpainting weights: hub id, local folder, s3:// prefix, or 'tiny' (random, for tests)."""
+    """Inpainting weights: hub id, local folder, s3:// prefix, 'toy' (trained on synthetic rooms) or 'tiny' (random)."""
     lora: str | None = None
-    """URI of a LoRA folder or .safetensors file in diffusers format (from jobs/train.py)."""
+    """URI of a LoRA folder or .safetensors file in diffusers format (from jobs/train.py), or 'toy' (the toy one)."""
     lora_scale: float = 1.0
     """Strength of the LoRA adapter."""
     prompt: str = (
@@ -496,12 +498,15 @@ class TrainRayConfig:
     """CPUs per training worker (use fractions on small machines)."""
     data_cpus: float = 1.0
     """CPUs per pair-building actor of Ray Data (decodes rooms, fits masks, pastes rings)."""
+    torch_threads: int | None = None
+    """Threads each worker's torch computes with on a CPU; unset keeps Ray's: one per whole CPU reserved, min 1."""
     max_failures: int = 3
     """Times the workers are restarted from the latest checkpoint after a failure (-1: forever)."""
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "ray.workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
+        _check(self.torch_threads is None or self.torch_threads >= 1, "ray.torch_threads", "must be at least 1")
         _check(self.data_cpus > 0, "ray.data_cpus", "must be positive")
         _check(self.max_failures >= -1, "ray.max_failures", "must be -1 (forever) or more")
 
@@ -633,6 +638,7 @@ class SegmenterTrainConfig(RunConfig):
 
 
 EVALUATION_METHODS = ("diffusion", "telea", "navier-stokes")
+EVALUATION_MASKS = ("exact", "segmenter")
 ROOM_SUBSETS = ("test", "validation", "train", "all")
 
 
@@ -694,6 +700,8 @@ class SetupConfig:
     """Changes to the shared inpaint section for this set-up (e.g. lora, model, guidance_scale)."""
     radius: int = 5
     """Neighbourhood radius in pixels of the OpenCV methods."""
+    masks: str = "exact"
+    """Mask painted in synthetic pairs: 'exact' (the furniture's) or 'segmenter' (what de-furnishing would paint)."""
 
 
 @dataclass
@@ -713,7 +721,9 @@ class EvaluateConfig:
     setups: dict[str, SetupConfig] = field(default_factory=lambda: {"base": SetupConfig()})
     """Set-ups compared, by name; each diffusion set-up is the inpaint section with its own changes."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    """Segmentation that measures the furniture left in (or painted into) each output."""
+    """Segmentation that finds the pairs' furniture (set-ups with masks: segmenter) and measures what outputs hold."""
+    qa: QaConfig = field(default_factory=QaConfig)
+    """The quality gate whose verdicts are counted (flagged, caught); unset max_residual counts none."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster resources: masking_* sizes the segmentation pool, inpainting_* the painting pool."""
 
@@ -731,6 +741,8 @@ class EvaluateConfig:
             methods = list(EVALUATION_METHODS)
             _check(setup.method in methods, f"setups.{name}.method", f"must be one of {methods}")
             _check(setup.radius >= 1, f"setups.{name}.radius", "must be at least 1")
+            masks = list(EVALUATION_MASKS)
+            _check(setup.masks in masks, f"setups.{name}.masks", f"must be one of {masks}")
             if setup.method == "diffusion":
                 self.setup_inpaint(name)
             else:

@@ -8,7 +8,9 @@ Two kinds of examples have a ground truth to score against:
   set-up paints in the hole is scored against what was there.
 - ``pairs/...``: synthetic furnished rooms with their empty twins and exact furniture masks
   (``python -m casalimpia.synthetic FOLDER --pairs``), at their own size. The input is the
-  furnished photo, the target the empty one.
+  furnished photo, the target the empty one. The segmenter's removal mask of each furnished photo
+  is scored against the exact mask, and a set-up with ``masks: segmenter`` paints it, as the
+  de-furnishing job would: that set-up measures the whole job, finding and painting together.
 
 ``prepare`` checks on the driver everything that can fail for a whole-job reason. ``evaluate``
 builds the examples once on Ray Data (rooms and masks, then a segmentation of every target) and
@@ -44,6 +46,7 @@ from casalimpia.images import ImageDecodeError, decode_image, decode_mask, encod
 from casalimpia.pipeline import (
     MAX_INPUT_BLOCKS,
     JobError,
+    absolute_lora,
     absolute_model,
     absolute_uri,
     actor_pool,
@@ -53,6 +56,7 @@ from casalimpia.pipeline import (
     pin_masking,
     segmenter_pool,
 )
+from casalimpia.toy import BANNER, uses_toy
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,18 @@ PAIR_FOLDERS = ("furnished", "empty", "masks")
 """Sub-folders of ``data.pairs``: the input photos, their empty twins (targets) and exact masks."""
 
 QUALITY = ("psnr", "psnr_mask", "ssim", "ssim_mask", "lpips", "lpips_mask")
-SCORE_COLUMNS = ("mask_fraction", *QUALITY, "outside_changed", "residual_furniture", "target_furniture")
+SEGMENTATION = ("mask_recall", "mask_ratio", "structure_removed")
+"""The segmenter's removal mask of a pair's furnished photo against the exact mask (NaN for rooms)."""
+SCORE_COLUMNS = (
+    "mask_fraction",
+    *QUALITY,
+    "outside_changed",
+    "residual_furniture",
+    "target_furniture",
+    "closer_to_empty",
+    "flagged",
+    *SEGMENTATION,
+)
 """The per-image scores the Scorer computes (scores.parquet adds set-up, source, kind and timing)."""
 
 SUMMARY_COLUMNS = {
@@ -80,6 +95,15 @@ SUMMARY_COLUMNS = {
     "the target: furniture left behind or painted in (lower is better)",
     "target_furniture": "mean fraction of the mask the segmenter calls furniture in the empty target: its own "
     "false alarms, the noise floor of residual_furniture",
+    "closer_to_empty": "fraction of synthetic pairs whose output inside the furniture mask is closer (mean squared "
+    "error) to the empty room than to the furnished photo: furniture removed, not painted back (higher is better)",
+    "flagged": "fraction of outputs the quality gate (qa.max_residual) would send to review (n/a without a gate)",
+    "caught": "of the pairs painted back (not closer_to_empty), the fraction the gate flags (higher is better)",
+    "mask_recall": "median fraction of a pair's furniture inside the mask painted (the segmenter's with masks: "
+    "segmenter, else exact)",
+    "mask_ratio": "median size of the mask painted over the furniture's: 1 is exact, the segmenter's dilation adds",
+    "structure_removed": "mean fraction of a pair's non-furniture pixels inside the mask painted: walls, floor, "
+    "windows and doors lost (must be near 0)",
     "seconds_per_image": "painting seconds per image on one actor, warm-up batches excluded",
     "images_per_second": "images one painting actor paints per second (1 / seconds_per_image)",
     "peak_memory_gb": "peak accelerator memory of a painting actor, GiB (n/a without an accelerator)",
@@ -93,6 +117,12 @@ _FORMATS = {
     "outside_changed_max": "{:.2%}",
     "residual_furniture": "{:.2%}",
     "target_furniture": "{:.2%}",
+    "closer_to_empty": "{:.0%}",
+    "flagged": "{:.0%}",
+    "caught": "{:.0%}",
+    "mask_recall": "{:.2f}",
+    "mask_ratio": "{:.2f}",
+    "structure_removed": "{:.2%}",
     "seconds_per_image": "{:.3g}",
     "images_per_second": "{:.3g}",
     "peak_memory_gb": "{:.2f}",
@@ -184,7 +214,7 @@ def _pinned(config: EvaluateConfig) -> EvaluateConfig:
             library=data.library and absolute_uri(data.library),
         ),
         inpaint=dataclasses.replace(
-            config.inpaint, model=absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
+            config.inpaint, model=absolute_model(config.inpaint.model), lora=lora and absolute_lora(lora)
         ),
         setups={name: _pinned_setup(setup) for name, setup in config.setups.items()},
         masking=pin_masking(config.masking),
@@ -196,7 +226,7 @@ def _pinned_setup(setup: SetupConfig) -> SetupConfig:
     if isinstance(changes.get("model"), str):
         changes["model"] = absolute_model(changes["model"])
     if isinstance(changes.get("lora"), str):
-        changes["lora"] = absolute_uri(changes["lora"])
+        changes["lora"] = absolute_lora(changes["lora"])
     return dataclasses.replace(setup, inpaint=changes)
 
 
@@ -337,11 +367,13 @@ def _examples(kind: str, sources: Any, images: Any, targets: Any, masks: Any) ->
     }
 
 
-class TargetFurniture:
-    """Callable batch stage: adds ``target_furniture``, the pixels the segmenter calls furniture in each target.
+class Segmentations:
+    """Callable batch stage: what the segmenter makes of each example, computed once for every set-up.
 
-    Targets are empty rooms, so this is the segmenter's own false alarms; it is computed once and
-    every set-up's residual furniture is measured net of it.
+    Adds ``target_furniture``, the pixels it calls furniture in the target: targets are empty rooms,
+    so these are its own false alarms, and every set-up's residual furniture is measured net of
+    them. Adds ``found_mask``: for a pair, the removal mask the de-furnishing job would paint in
+    the furnished photo; for a room, whose input has nothing to find, the exact mask.
     """
 
     def __init__(self, config: MaskingConfig, dtype: str = "auto") -> None:
@@ -350,7 +382,15 @@ class TargetFurniture:
         self.masker = FurnitureMasker(config, dtype)
 
     def __call__(self, batch: Batch) -> Batch:
-        return {**batch, "target_furniture": object_array(self.masker.furniture(list(batch["target"])))}
+        found = list(batch["mask"])
+        pairs = [i for i, kind in enumerate(batch["kind"]) if kind == "pair"]
+        for i, mask in zip(pairs, self.masker.segment([batch["image"][i] for i in pairs]), strict=True):
+            found[i] = mask
+        return {
+            **batch,
+            "target_furniture": object_array(self.masker.furniture(list(batch["target"]))),
+            "found_mask": object_array(found),
+        }
 
 
 # Painting and scoring.
@@ -369,8 +409,9 @@ def paint_classical(image: np.ndarray, mask: np.ndarray, *, method: str, radius:
 class SetupPainter:
     """Callable batch stage: paints one set-up's ``output`` for each example, and times it.
 
-    Adds ``output``, ``seconds`` (the batch's painting time per image), ``warmup`` (True on the
-    actor's first batch, which pays for lazy initialisation and kernel selection) and
+    Adds ``output``, ``painted_mask`` (the example's exact mask, or with ``masks: segmenter`` the
+    one the segmenter found), ``seconds`` (the batch's painting time per image), ``warmup`` (True on
+    the actor's first batch, which pays for lazy initialisation and kernel selection) and
     ``peak_memory_gb`` (the actor's peak accelerator memory so far; NaN on the CPU).
     """
 
@@ -398,7 +439,8 @@ class SetupPainter:
         self.first_batch = True
 
     def __call__(self, batch: Batch) -> Batch:
-        images, masks = list(batch["image"]), list(batch["mask"])
+        images = list(batch["image"])
+        masks = list(batch["found_mask" if self.setup.masks == "segmenter" else "mask"])
         start = time.perf_counter()
         outputs = self.paint(images, masks, [str(source) for source in batch["source"]])
         seconds = (time.perf_counter() - start) / max(1, len(images))
@@ -407,19 +449,30 @@ class SetupPainter:
         return {
             **batch,
             "output": object_array(outputs),
+            "painted_mask": object_array(masks),
             "seconds": np.full(count, seconds),
             "warmup": np.full(count, warmup),
             "peak_memory_gb": np.full(count, self._peak_memory_gb()),
         }
 
     def paint(self, images: list[np.ndarray], masks: list[np.ndarray], sources: list[str]) -> list[np.ndarray]:
-        """The painted photos, one per (photo, mask, source path); outside each mask they equal the photo."""
-        if self.inpainter is not None:
-            return self.inpainter.paint(images, masks, sources)
-        return [
-            paint_classical(image, mask, method=self.setup.method, radius=self.setup.radius)
-            for image, mask in zip(images, masks, strict=True)
-        ]
+        """The painted photos, one per (photo, mask, source path); outside each mask they equal the photo.
+
+        A photo whose mask is empty (the segmenter found nothing) is returned as it is, as the
+        de-furnishing job writes it.
+        """
+        outputs = list(images)
+        rows = [i for i, mask in enumerate(masks) if mask.any()]
+        if self.inpainter is not None and rows:
+            painted = self.inpainter.paint(
+                [images[i] for i in rows], [masks[i] for i in rows], [sources[i] for i in rows]
+            )
+            for i, output in zip(rows, painted, strict=True):
+                outputs[i] = output
+        elif self.inpainter is None:
+            for i in rows:
+                outputs[i] = paint_classical(images[i], masks[i], method=self.setup.method, radius=self.setup.radius)
+        return outputs
 
     def _peak_memory_gb(self) -> float:
         if self.device is None or self.device.type == "cpu":
@@ -437,6 +490,25 @@ def outside_changed(output: np.ndarray, image: np.ndarray, mask: np.ndarray) -> 
     return float(np.any(output != image, axis=2)[outside].mean())
 
 
+def closer_to_empty(output: np.ndarray, empty: np.ndarray, furnished: np.ndarray, mask: np.ndarray) -> float:
+    """1.0 when output inside mask is nearer (mean squared error) to the empty room than to the furnished, else 0."""
+    inside = mask.astype(bool)
+    painted = output[inside].astype(np.float64)
+    to_empty = np.mean((painted - empty[inside]) ** 2)
+    to_furnished = np.mean((painted - furnished[inside]) ** 2)
+    return float(to_empty < to_furnished)
+
+
+def mask_scores(painted: np.ndarray, furniture: np.ndarray) -> dict[str, float]:
+    """The SEGMENTATION scores of a painted mask against the exact furniture mask of a pair."""
+    structure = ~furniture
+    return {
+        "mask_recall": float((painted & furniture).sum() / max(1, furniture.sum())),
+        "mask_ratio": float(painted.sum() / max(1, furniture.sum())),
+        "structure_removed": float((painted & structure).sum() / max(1, structure.sum())),
+    }
+
+
 def cost_per_1000(seconds_per_image: float, price_per_hour: float) -> float:
     """Cost of painting 1,000 images at seconds_per_image each on hardware rented at price_per_hour."""
     return seconds_per_image * 1000 / 3600 * price_per_hour
@@ -450,10 +522,18 @@ class Scorer:
     ``previews`` (the report's examples), empty for the rest. Pixels stay on the workers.
     """
 
-    def __init__(self, config: MaskingConfig, dtype: str = "auto", previews: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        config: MaskingConfig,
+        dtype: str = "auto",
+        previews: frozenset[str] = frozenset(),
+        max_residual: float | None = None,
+    ) -> None:
+        """``max_residual`` is the quality gate's threshold (QaConfig), None when no gate is counted."""
         from casalimpia.masking import FurnitureMasker
         from casalimpia.metrics import LPIPS
 
+        self.max_residual = max_residual
         self.masker = FurnitureMasker(config, dtype)
         self.lpips = LPIPS(self.masker.placement.device, batch_size=config.batch_size)
         self.previews = previews
@@ -465,18 +545,26 @@ class Scorer:
         outputs, targets, masks = list(batch["output"]), list(batch["target"]), list(batch["mask"])
         lpips, lpips_mask = self.lpips(outputs, targets, masks)
         furniture = self.masker.furniture(outputs)
-        scores = [
-            {
-                **score([output], [target], [mask]),
-                "lpips": lpips[i],
-                "lpips_mask": lpips_mask[i],
-                "mask_fraction": float(mask.mean()),
-                "outside_changed": outside_changed(output, batch["image"][i], mask),
-                "residual_furniture": residual_fraction(furniture[i], mask, baseline=batch["target_furniture"][i]),
-                "target_furniture": residual_fraction(batch["target_furniture"][i], mask),
-            }
-            for i, (output, target, mask) in enumerate(zip(outputs, targets, masks, strict=True))
-        ]
+        scores = []
+        for i, (output, target, mask) in enumerate(zip(outputs, targets, masks, strict=True)):
+            image, painted = batch["image"][i], batch["painted_mask"][i]
+            pair = batch["kind"][i] == "pair"
+            # The gate sees what the de-furnishing job would: the output re-segmented inside the painted mask.
+            gate = residual_fraction(furniture[i], painted)
+            scores.append(
+                {
+                    **score([output], [target], [mask]),
+                    "lpips": lpips[i],
+                    "lpips_mask": lpips_mask[i],
+                    "mask_fraction": float(mask.mean()),
+                    "outside_changed": outside_changed(output, image, painted),
+                    "residual_furniture": residual_fraction(furniture[i], mask, baseline=batch["target_furniture"][i]),
+                    "target_furniture": residual_fraction(batch["target_furniture"][i], mask),
+                    "closer_to_empty": closer_to_empty(output, target, image, mask) if pair else math.nan,
+                    "flagged": math.nan if self.max_residual is None else float(gate > self.max_residual),
+                    **(mask_scores(painted, mask) if pair else dict.fromkeys(SEGMENTATION, math.nan)),
+                }
+            )
         previews = [
             encode_image(output, "png") if source in self.previews else b""
             for source, output in zip(batch["source"], outputs, strict=True)
@@ -531,7 +619,7 @@ def build_examples(plan: EvalPlan) -> Any:
         )
     examples = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return examples.map_batches(
-        TargetFurniture,
+        Segmentations,
         fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype},
         **segmenter_pool(config.masking, resources),
     )
@@ -567,7 +655,12 @@ def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: froz
     )
     return painted.map_batches(
         Scorer,
-        fn_constructor_kwargs={"config": config.masking, "dtype": resources.dtype, "previews": previews},
+        fn_constructor_kwargs={
+            "config": config.masking,
+            "dtype": resources.dtype,
+            "previews": previews,
+            "max_residual": config.qa.max_residual,
+        },
         **segmenter_pool(config.masking, resources),
     )
 
@@ -575,8 +668,10 @@ def score_setup(examples: Any, config: EvaluateConfig, name: str, previews: froz
 def evaluate(plan: EvalPlan) -> EvalSummary:
     """Run the plan on the connected Ray cluster; writes scores, summary, report and config under output."""
     config = plan.config
-    if _uses_tiny(config):
+    if TINY in _models(config):
         log.warning("the tiny preset is in use: random weights, the figures show the mechanics, not quality")
+    elif uses_toy(*_models(config)):
+        log.warning("%s", BANNER)
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     start = time.perf_counter()
     examples = build_examples(plan).materialize()
@@ -615,10 +710,10 @@ def _take(examples: Any, sources: frozenset[str]) -> list[dict[str, Any]]:
     return examples.filter(expr=col("source").is_in(sorted(sources))).take_all() if sources else []
 
 
-def _uses_tiny(config: EvaluateConfig) -> bool:
-    models = [config.masking.model]
-    models += [config.setup_inpaint(name).model for name, s in config.setups.items() if s.method == "diffusion"]
-    return TINY in models
+def _models(config: EvaluateConfig) -> list[str | None]:
+    """Every model reference the evaluation uses: the segmenter, each diffusion set-up's model and LoRA."""
+    inpaints = [config.setup_inpaint(name) for name, s in config.setups.items() if s.method == "diffusion"]
+    return [config.masking.model, *(inpaint.model for inpaint in inpaints), *(inpaint.lora for inpaint in inpaints)]
 
 
 def _report_sources(plan: EvalPlan, count: int) -> list[str]:
@@ -652,6 +747,12 @@ def summarize(scores: list[dict[str, Any]], config: EvaluateConfig) -> list[dict
                 "outside_changed_max": max((row["outside_changed"] for row in own), default=math.nan),
                 "residual_furniture": _mean(own, "residual_furniture"),
                 "target_furniture": _mean(own, "target_furniture"),
+                "closer_to_empty": _mean(own, "closer_to_empty"),
+                "flagged": _mean(own, "flagged"),
+                "caught": _mean([row for row in own if row["closer_to_empty"] == 0.0], "flagged"),
+                "mask_recall": _median(own, "mask_recall"),
+                "mask_ratio": _median(own, "mask_ratio"),
+                "structure_removed": _mean(own, "structure_removed"),
                 "seconds_per_image": seconds,
                 "images_per_second": 1 / seconds if seconds > 0 else math.nan,
                 "peak_memory_gb": max(memory, default=math.nan),
@@ -662,7 +763,14 @@ def summarize(scores: list[dict[str, Any]], config: EvaluateConfig) -> list[dict
 
 
 def _mean(rows: list[dict[str, Any]], column: str) -> float:
-    return float(np.mean([row[column] for row in rows])) if rows else math.nan
+    """The mean of a column over the rows that measured it (rooms have no closer_to_empty, for one)."""
+    values = [row[column] for row in rows if math.isfinite(row[column])]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _median(rows: list[dict[str, Any]], column: str) -> float:
+    values = [row[column] for row in rows if math.isfinite(row[column])]
+    return float(np.median(values)) if values else math.nan
 
 
 def format_value(column: str, value: Any) -> str:
@@ -693,11 +801,14 @@ def render_report(
 ) -> str:
     """The report as an HTML string: summary table, bar plots, and side-by-side crops of a few examples."""
     warning = ""
-    if _uses_tiny(config):
+    if TINY in _models(config):
         warning = (
             '<p class="warn">Made with the <b>tiny</b> preset: small random models for tests and demos. '
             "The figures show the mechanics of the evaluation, not the quality of any set-up.</p>"
         )
+    elif uses_toy(*_models(config)):
+        warning = f'<p class="warn">Made with the <b>toy</b> preset: {html.escape(BANNER)}.</p>'
+
     head = "".join(f"<th>{html.escape(column)}</th>" for column in SUMMARY_COLUMNS)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(format_value(c, row[c]))}</td>" for c in SUMMARY_COLUMNS) + "</tr>"

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from casalimpia.config import InpaintConfig
+from casalimpia.config import TOY, InpaintConfig
 from casalimpia.masking import distance_to_outside
 from casalimpia.models import in_halves, load_inpainting_pipeline, local_path, resolve_placement
+from casalimpia.toy import TOY_LORA
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class Inpainter:
         speed_up(self.pipe, channels_last=channels_last, compile_unet=compile_unet)
 
     def _load_lora(self, uri: str, scale: float) -> None:
+        if uri == TOY:
+            uri = str(TOY_LORA)
         if uri.endswith(".safetensors"):
             folder_uri, _, weight_name = uri.rpartition("/")
         else:

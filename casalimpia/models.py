@@ -1,8 +1,9 @@
-"""Model loading: device and dtype, model sources, and the offline `tiny` preset.
+"""Model loading: device and dtype, model sources, and the offline `tiny` and `toy` presets.
 
 A model reference is a Hugging Face hub id, a local folder, an ``s3://`` prefix (copied once per
-node into a local cache) or ``tiny``: small randomly initialised models built in code with a fixed
-seed, so every job and test runs offline. Outputs made with ``tiny`` are noise and say so.
+node into a local cache), ``toy``: the small models shipped in the package, trained on synthetic
+rooms (:mod:`casalimpia.toy`), or ``tiny``: the same architectures randomly initialised in code
+with a fixed seed, so every job and test runs offline. Outputs made with ``tiny`` are noise and say so.
 ``random-full`` (RANDOM_FULL) is the full-size architecture of each default model, built offline from
 the configs under ``casalimpia/data/architectures`` with random weights: for throughput benchmarks,
 whose timings do not depend on weight values; its outputs are noise too.
@@ -24,7 +25,8 @@ from filelock import FileLock
 
 from casalimpia import storage
 from casalimpia.classes import ADE20K_CLASSES
-from casalimpia.config import RANDOM_FULL, RANDOM_WEIGHTS, TINY
+from casalimpia.config import RANDOM_FULL, RANDOM_WEIGHTS, TINY, TOY
+from casalimpia.toy import TOY_PAINTER, TOY_SEGMENTER
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ def check_available(reference: str, role: str) -> None:
 
     ``role`` is the config key that named the model, so the message says what to change.
     """
-    if reference in RANDOM_WEIGHTS:
+    if reference in (*RANDOM_WEIGHTS, TOY):
         return
     if storage.is_s3(reference) or reference.startswith("file://"):
         try:
@@ -185,7 +187,7 @@ def load_segmenter(reference: str, placement: Placement, *, training: bool = Fal
     else:
         from transformers import AutoTokenizer, OneFormerForUniversalSegmentation
 
-        path = local_path(reference)
+        path = str(TOY_SEGMENTER) if reference == TOY else local_path(reference)
         # The text mapper keeps the checkpoint's weights where it has them, else it starts new (a warning lists it).
         model = OneFormerForUniversalSegmentation.from_pretrained(path, is_training=training)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -235,8 +237,9 @@ def load_inpainting_pipeline(reference: str, placement: Placement) -> Any:
     else:
         from diffusers import StableDiffusionInpaintPipeline
 
+        path = str(TOY_PAINTER) if reference == TOY else local_path(reference)
         pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            local_path(reference), torch_dtype=placement.dtype, safety_checker=None, requires_safety_checker=False
+            path, torch_dtype=placement.dtype, safety_checker=None, requires_safety_checker=False
         )
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
@@ -353,6 +356,9 @@ def tiny_inpainting_pipeline() -> Any:
                 vocab_size=len(tokenizer),
             )
         )
+    # SD's noise schedule, but the UNet predicts the clean latents: trained as the toy painter, this
+    # small a UNet predicting the noise left colour noise in the hole (PSNR 11.6 against 14.5 in a
+    # 200-step probe on synthetic rooms); training and sampling both follow the scheduler's setting.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -360,6 +366,7 @@ def tiny_inpainting_pipeline() -> Any:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type="sample",
     )
     return StableDiffusionInpaintPipeline(
         vae=vae,

@@ -43,6 +43,7 @@ from casalimpia import configure_logging, faults, storage
 from casalimpia.config import (
     MANIFEST_EVERY,
     RANDOM_WEIGHTS,
+    TOY,
     ActorPoolConfig,
     DecodeConfig,
     DefurnishConfig,
@@ -51,6 +52,7 @@ from casalimpia.config import (
     to_yaml,
 )
 from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
+from casalimpia.toy import BANNER, uses_toy
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ def prepare(config: DefurnishConfig) -> Plan:
         output=absolute_uri(config.output),
         masking=pin_masking(config.masking),
         inpaint=dataclasses.replace(
-            config.inpaint, model=absolute_model(config.inpaint.model), lora=lora and absolute_uri(lora)
+            config.inpaint, model=absolute_model(config.inpaint.model), lora=lora and absolute_lora(lora)
         ),
     )
     files = list_input(config.input)
@@ -244,6 +246,11 @@ def absolute_model(reference: str) -> str:
     return os.path.abspath(reference) if os.path.isdir(reference) else reference
 
 
+def absolute_lora(reference: str) -> str:
+    """A LoRA reference with its local path made absolute; the toy preset's as it is."""
+    return reference if reference == TOY else absolute_uri(reference)
+
+
 def check_model(reference: str, role: str) -> None:
     """The model can be loaded (hub cache, folder, s3:// prefix or tiny); raises JobError naming role."""
     from casalimpia.models import ModelUnavailableError, check_available
@@ -256,6 +263,8 @@ def check_model(reference: str, role: str) -> None:
 
 def check_lora(uri: str, key: str = "inpaint.lora") -> None:
     """A LoRA folder or .safetensors file is at uri; raises JobError naming the config key otherwise."""
+    if uri == TOY:
+        return
     try:
         found = storage.exists(uri) if uri.endswith(".safetensors") else bool(storage.list_files(uri))
     except storage.StorageError as error:
@@ -574,6 +583,8 @@ def execute(plan: Plan) -> Summary:
     config = plan.config
     if random := {config.masking.model, config.inpaint.model} & set(RANDOM_WEIGHTS):
         log.warning("%s: random weights, the outputs are noise (for tests, demos, benchmarks)", "/".join(random))
+    if uses_toy(config.masking.model, config.inpaint.model, config.inpaint.lora):
+        log.warning("%s", BANNER)
     summary = run_plan(plan, build_dataset, MANIFEST_SCHEMA)
     write_report(config, read_manifest(config.output), summary)
     return summary

@@ -19,6 +19,7 @@ from PIL import Image
 from casalimpia import storage
 from casalimpia.config import RANDOM_WEIGHTS
 from casalimpia.images import ImageDecodeError, decode_image, decode_mask
+from casalimpia.toy import BANNER, uses_toy
 
 if TYPE_CHECKING:
     from casalimpia.config import DefurnishConfig
@@ -82,6 +83,9 @@ def render_report(config: DefurnishConfig, rows: list[dict[str, Any]], summary: 
             f'<p class="warn">Made with <b>{html.escape("/".join(sorted(random)))}</b>: models with random '
             "weights, for tests, demos and benchmarks. Masks and outputs are noise, not de-furnished rooms.</p>"
         )
+    elif uses_toy(config.masking.model, config.inpaint.model, config.inpaint.lora):
+        warning = f'<p class="warn">Made with the <b>toy</b> preset: {html.escape(BANNER)}.</p>'
+
     counts = "".join(
         f"<tr><th>{status}</th><td>{sum(row['status'] == status for row in rows)}</td></tr>"
         for status in ("ok", "review", "failed", "skipped")

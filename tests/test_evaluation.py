@@ -21,10 +21,10 @@ from casalimpia.evaluation import (
     summarize,
 )
 from casalimpia.pipeline import JobError
-from casalimpia.synthetic import render_room, write_room_pairs
+from casalimpia.synthetic import HELD_OUT_SEED, render_room, write_room_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MASKING = MaskingConfig(model="tiny", resolution=64)
+TOY_MASKING = MaskingConfig(model="toy", resolution=64)
 
 
 def _objects(items):
@@ -54,16 +54,30 @@ def test_summary_times_after_warmup_and_prices_actor_time():
             "outside_changed": 0.0,
             "residual_furniture": residual,
             "target_furniture": 0.0,
+            "closer_to_empty": closer,
+            "flagged": flagged,
+            "mask_recall": recall,
+            "mask_ratio": 1.5,
+            "structure_removed": 0.01,
             "seconds": seconds,
             "warmup": warmup,
             "peak_memory_gb": math.nan,
         }
-        for seconds, warmup, residual in ((9.0, True, 0.1), (3.6, False, 0.3), (3.6, False, 0.2))
+        for seconds, warmup, residual, closer, flagged, recall in (
+            (9.0, True, 0.1, 1.0, 0.0, 0.9),
+            (3.6, False, 0.3, 0.0, 1.0, 0.5),
+            (3.6, False, 0.2, 0.0, 0.0, 0.8),
+            # A room: nothing was there to find, so no closer_to_empty and no mask scores.
+            (3.6, False, 0.2, math.nan, 0.0, math.nan),
+        )
     ]
     (summary,) = summarize(rows, config)
     assert list(summary) == list(SUMMARY_COLUMNS)
-    assert summary["images"] == 3 and summary["seconds_per_image"] == 3.6
+    assert summary["images"] == 4 and summary["seconds_per_image"] == 3.6
     assert summary["residual_furniture"] == pytest.approx(0.2)
+    # Means and medians over the pairs that measured them; caught: flagged among those painted back.
+    assert summary["closer_to_empty"] == pytest.approx(1 / 3) and summary["caught"] == pytest.approx(0.5)
+    assert summary["flagged"] == pytest.approx(0.25) and summary["mask_recall"] == pytest.approx(0.8)
     # 3.6 s an image is 1,000 actor-hours per million, i.e. 1 hour per 1,000 images at 2.0 an hour.
     assert summary["cost_per_1000"] == pytest.approx(2.0) == cost_per_1000(3.6, 2.0)
     assert math.isnan(summary["peak_memory_gb"])
@@ -74,34 +88,29 @@ def test_opencv_painter_keeps_every_pixel_outside_the_mask(method):
     room = render_room(3, 96, 72)
     painter = SetupPainter(SetupConfig(method=method, radius=3))
     batch = {"source": np.array(["pairs/a.png"], dtype=object), "image": _objects([room.furnished])}
-    batch["mask"] = _objects([room.mask])
+    batch["mask"] = batch["found_mask"] = _objects([room.mask])
     first, second = painter(batch), painter(batch)
     output = first["output"][0]
     assert output.dtype == np.uint8 and output.shape == room.furnished.shape
     assert np.array_equal(output[~room.mask], room.furnished[~room.mask])
     assert not np.array_equal(output[room.mask], room.furnished[room.mask])
+    assert first["painted_mask"][0] is room.mask
     assert first["warmup"].tolist() == [True] and second["warmup"].tolist() == [False]
     assert first["seconds"][0] > 0 and math.isnan(first["peak_memory_gb"][0])
 
 
-def test_residual_furniture_is_zero_without_furniture_and_positive_with_it_pasted_back():
-    # The tiny segmenter has random weights: the hole is built from what it labels as furniture.
-    scorer = Scorer(TINY_MASKING)
-    for seed in range(32):
-        room = render_room(seed, 96, 72)
-        in_furnished, in_empty = scorer.masker.furniture([room.furnished, room.empty])
-        hole = room.mask & in_furnished & ~in_empty
-        if hole.mean() > 0.01:
-            break
-    else:
-        pytest.fail("the tiny segmenter labels no furniture in 32 synthetic rooms")
+def test_scores_of_the_empty_room_and_of_the_furniture_pasted_back():
+    scorer = Scorer(TOY_MASKING, max_residual=0.1)
+    room = render_room(HELD_OUT_SEED, 96, 72)
+    (in_empty,) = scorer.masker.furniture([room.empty])
     # A synthetic pair: the furnished photo is the input, the empty room the target.
     batch = {
         "source": np.array(["pairs/clean.png", "pairs/pasted.png"], dtype=object),
         "kind": np.array(["pair", "pair"], dtype=object),
         "image": _objects([room.furnished, room.furnished]),
         "target": _objects([room.empty, room.empty]),
-        "mask": _objects([hole, hole]),
+        "mask": _objects([room.mask, room.mask]),
+        "painted_mask": _objects([room.mask, room.mask]),
         "target_furniture": _objects([in_empty, in_empty]),
         # Painted to the truth, and the furniture pasted back (the furnished photo itself).
         "output": _objects([room.empty, room.furnished]),
@@ -111,9 +120,14 @@ def test_residual_furniture_is_zero_without_furniture_and_positive_with_it_paste
     }
     scores = scorer(batch)
     clean, pasted = scores["residual_furniture"]
-    assert clean == 0.0 and pasted > 0
+    assert clean == 0.0 and pasted > 0.5
     assert scores["psnr_mask"][0] == 100.0 and scores["psnr_mask"][1] < 100.0
-    assert scores["target_furniture"].tolist() == [0.0, 0.0]
+    assert scores["target_furniture"][0] < 0.05
+    assert scores["closer_to_empty"].tolist() == [1.0, 0.0]
+    assert scores["flagged"].tolist() == [0.0, 1.0]
+    # The painted mask is the exact one: all the furniture, no structure.
+    assert scores["mask_recall"].tolist() == [1.0, 1.0] and scores["mask_ratio"].tolist() == [1.0, 1.0]
+    assert scores["structure_removed"].tolist() == [0.0, 0.0]
     assert "output" not in scores and scores["preview"].tolist() == [b"", b""]
 
 

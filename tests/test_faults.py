@@ -27,6 +27,8 @@ from casalimpia.synthetic import write_demo_rooms, write_room_pairs
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 8
 BAD = {"broken/empty.jpg": b"", "broken/text.jpg": b"<html>not a photo</html>", "broken/notes.txt": b"hello"}
+# The demo's mechanics with the fast random models: no LoRA, no quality gate.
+TINY = ["masking.model=tiny", "inpaint.model=tiny", "inpaint.lora=null", "qa.max_residual=null"]
 
 
 def write_catalogue(uri: str, staging: Path) -> list[str]:
@@ -39,7 +41,7 @@ def write_catalogue(uri: str, staging: Path) -> list[str]:
 
 
 def job_config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(ROOT / "configs/demo.yaml", list(extra), values={"input": input_uri, "output": output_uri})
+    return load_config(ROOT / "configs/demo.yaml", [*TINY, *extra], values={"input": input_uri, "output": output_uri})
 
 
 def outputs(output_uri: str) -> dict[str, bytes]:
@@ -149,7 +151,7 @@ def test_driver_killed_mid_run_then_rerun_finishes_the_rest(fault_free, load_job
     input_dir, inputs, expected = fault_free
     out = tmp_path / "out"
     arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
-    arguments += ["--set=manifest_every=2"]
+    arguments += ["--set=manifest_every=2", *(f"--set={item}" for item in TINY)]
     # A driver process on the session's cluster, which outlives it as a real cluster would. It dies
     # (os._exit: no cleanup) right after persisting its first processed rows, while the rest of its
     # photos are still in flight; waiting for that from here would race a fast run.

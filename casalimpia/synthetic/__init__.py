@@ -8,12 +8,21 @@ jobs read. Seeds at or above :data:`HELD_OUT_SEED` are held out: nothing shipped
 tuned on them.
 """
 
-from casalimpia.synthetic.files import main, write_demo_rooms, write_room_pairs, write_segmentation_pairs
+from casalimpia.synthetic.files import (
+    demo_room,
+    demo_room_path,
+    main,
+    write_demo_rooms,
+    write_room_pairs,
+    write_segmentation_pairs,
+)
 from casalimpia.synthetic.render import HELD_OUT_SEED, SyntheticRoom, render_room
 
 __all__ = [
     "HELD_OUT_SEED",
     "SyntheticRoom",
+    "demo_room",
+    "demo_room_path",
     "main",
     "render_room",
     "write_demo_rooms",

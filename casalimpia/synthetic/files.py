@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from casalimpia.synthetic.render import HELD_OUT_SEED, _render, render_room
+from casalimpia.synthetic.render import HELD_OUT_SEED, SyntheticRoom, _render, render_room
 
-__all__ = ["main", "write_demo_rooms", "write_room_pairs", "write_segmentation_pairs"]
+__all__ = ["demo_room", "demo_room_path", "main", "write_demo_rooms", "write_room_pairs", "write_segmentation_pairs"]
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -59,6 +59,21 @@ _DEMO_FILES: tuple[_DemoFile, ...] = (
 )
 
 
+def demo_room_path(index: int) -> str:
+    """The relative path :func:`write_demo_rooms` writes demo photo ``index`` to."""
+    spec = _DEMO_FILES[index % len(_DEMO_FILES)]
+    path = PurePosixPath(spec.path)
+    if index >= len(_DEMO_FILES):
+        path = path.with_name(f"{path.stem}_{index // len(_DEMO_FILES)}{path.suffix}")
+    return str(path)
+
+
+def demo_room(index: int, seed: int = 0) -> SyntheticRoom:
+    """The room behind demo photo ``index`` of :func:`write_demo_rooms`, upright, with its ground truth."""
+    spec = _DEMO_FILES[index % len(_DEMO_FILES)]
+    return _render(np.random.default_rng(seed + index), *spec.size, spec.kind)
+
+
 def write_demo_rooms(folder: str | Path, count: int = 8, seed: int = 0) -> list[Path]:
     """Write a small, varied set of furnished demo photos and return their paths.
 
@@ -73,11 +88,8 @@ def write_demo_rooms(folder: str | Path, count: int = 8, seed: int = 0) -> list[
     paths: list[Path] = []
     for i in range(count):
         spec = _DEMO_FILES[i % len(_DEMO_FILES)]
-        rel = Path(spec.path)
-        if i >= len(_DEMO_FILES):
-            rel = rel.with_name(f"{rel.stem}_{i // len(_DEMO_FILES)}{rel.suffix}")
-        room = _render(np.random.default_rng(seed + i), *spec.size, spec.kind)
-        image = Image.fromarray(room.furnished)
+        rel = Path(demo_room_path(i))
+        image = Image.fromarray(demo_room(i, seed).furnished)
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[rel.suffix.lower()]
@@ -120,9 +132,9 @@ def write_segmentation_pairs(
 ) -> list[str]:
     """Write furnished rooms with their class maps: ``images/`` and ``labels/`` under folder.
 
-    Room ``i`` (seed ``seed + i``) is ``images/room_{i:05d}.png`` and ``labels/room_{i:05d}.png``,
-    the label an 8-bit PNG of 0-indexed ADE20K ids (see :attr:`SyntheticRoom.classes`).
-    Returns the file names.
+    The room of seed ``s`` is ``images/room_{s:07d}.png`` and ``labels/room_{s:07d}.png``, the
+    label an 8-bit PNG of 0-indexed ADE20K ids (see :attr:`SyntheticRoom.classes`); named by seed,
+    writes of other seed ranges and sizes can share one folder. Returns the file names.
     """
     _check_seeds(seed, count)
     root = Path(folder)
@@ -131,7 +143,7 @@ def write_segmentation_pairs(
     names = []
     for i in range(count):
         room = render_room(seed + i, *size)
-        name = f"room_{i:05d}.png"
+        name = f"room_{seed + i:07d}.png"
         Image.fromarray(room.furnished).save(root / "images" / name, optimize=True)
         Image.fromarray(room.classes).save(root / "labels" / name, optimize=True)
         names.append(name)
@@ -147,8 +159,22 @@ def _check_seeds(seed: int, count: int) -> None:
         )
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as a (width, height) pair of positive integers."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 128x96, got {text!r}") from None
+    if width < 16 or height < 16:
+        raise argparse.ArgumentTypeError(f"rooms are at least 16x16 pixels, got {text!r}")
+    return width, height
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S] [--pairs | --labels]``."""
+    """Command line: ``python -m casalimpia.synthetic FOLDER [--count N] [--seed S] [--pairs|--labels] [--size WxH]``.
+
+    Sizes apply to ``--pairs`` and ``--labels``; the demo catalogue mixes its own.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m casalimpia.synthetic",
         description=(
@@ -166,13 +192,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     layout.add_argument(
         "--labels", action="store_true", help="write images/ and labels/ (ADE20K class maps, 128x96) instead"
     )
+    parser.add_argument(
+        "--size", type=_size, help="WIDTHxHEIGHT of every room written with --pairs or --labels (default: as above)"
+    )
     args = parser.parse_args(argv)
+    if args.size is not None and not (args.pairs or args.labels):
+        parser.error("--size goes with --pairs or --labels (the demo catalogue mixes its own sizes)")
+    sized = {} if args.size is None else {"size": args.size}
     if args.pairs:
-        for name in write_room_pairs(args.folder, args.count, seed=args.seed):
+        for name in write_room_pairs(args.folder, args.count, seed=args.seed, **sized):
             print(args.folder / "furnished" / name)
         return
     if args.labels:
-        for name in write_segmentation_pairs(args.folder, args.count, seed=args.seed):
+        for name in write_segmentation_pairs(args.folder, args.count, seed=args.seed, **sized):
             print(args.folder / "images" / name)
         return
     for path in write_demo_rooms(args.folder, count=args.count, seed=args.seed):

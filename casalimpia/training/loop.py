@@ -33,6 +33,7 @@ from casalimpia.training.worker import (
     Optimisation,
     mean_everywhere,
     resolve_precision,
+    set_cpu_threads,
 )
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     is_main = context.get_world_rank() == 0
     fault_marker = loop_config.get("fault_marker") if context.get_world_rank() == 1 else None
     device = ray.train.torch.get_device()
+    set_cpu_threads(config.ray.torch_threads, device)
     trainer = InpaintingTrainer(
         config, device, loop_config["total_steps"], wrap=ray.train.torch.prepare_model, rank=context.get_world_rank()
     )

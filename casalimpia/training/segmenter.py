@@ -48,7 +48,13 @@ from casalimpia.models import TEXT_MAPPER_PREFIX, Placement, load_segmenter, seg
 from casalimpia.pipeline import JobError, absolute_model, absolute_uri, check_model
 from casalimpia.training.runs import RunPlan, RunSummary, fit_and_export, has_checkpoints, torch_trainer
 from casalimpia.training.segmenter_data import LabelledPhoto, list_examples, split_examples
-from casalimpia.training.worker import TRAINING_STATE, Optimisation, mean_everywhere, resolve_precision
+from casalimpia.training.worker import (
+    TRAINING_STATE,
+    Optimisation,
+    mean_everywhere,
+    resolve_precision,
+    set_cpu_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     is_main = context.get_world_rank() == 0
     device = ray.train.torch.get_device()
+    set_cpu_threads(config.ray.torch_threads, device)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
         trainer = SegmenterTrainer(config, device, loop_config["total_steps"], start=folder, wrap=_data_parallel)

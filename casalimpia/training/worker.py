@@ -59,6 +59,14 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(half, torch.float32 if on_cpu else half, name == "fp16", why)
 
 
+def set_cpu_threads(threads: int | None, device: torch.device) -> None:
+    """Give a CPU worker's torch ``threads`` threads: Ray sets one per whole CPU a worker reserves, so a
+    worker given a fraction of a CPU (to leave a small machine's cores to its data tasks) computes on one."""
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+        log.info("torch computes with %d CPU threads (ray.torch_threads)", threads)
+
+
 def make_optimizer(optim: Any, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer ``optim`` (an OptimConfig) names, over parameters."""
     if optim.optimizer == "adamw":
