@@ -156,9 +156,11 @@ def test_masks_job_end_to_end_then_rerun_skips_done_photos(ray_local, load_job, 
     (photos_dir / "broken").mkdir()
     (photos_dir / "broken" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (photos_dir / "broken" / "notes.txt").write_text("not a photo")
-    # The random tiny segmenter labels each demo room with one class, which movable+builtin
-    # removes for some rooms and keeps for others: index rows with and without classes.
+    # The random tiny segmenter (in place of the demo's toy one, which finds furniture everywhere)
+    # labels each demo room with one class, which movable+builtin removes for some rooms and keeps
+    # for others: index rows with and without classes.
     arguments = ("--input", str(photos_dir), "--output", str(output), "--set", "masking.preset=movable+builtin")
+    arguments += ("--set", "masking.model=tiny", "--set", "masking.dilation=0.015")
 
     result = run_masks_job(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,7 +189,7 @@ def test_masks_job_end_to_end_then_rerun_skips_done_photos(ray_local, load_job, 
     # --overwrite, or a changed hashed setting, plans every photo again (decided on the driver).
     def planned(*overrides: str) -> int:
         values = {"input": str(photos_dir), "output": str(output)}
-        overrides = ["masking.preset=movable+builtin", *overrides]
+        overrides = ["masking.preset=movable+builtin", "masking.model=tiny", "masking.dilation=0.015", *overrides]
         config = load_config("configs/masks_demo.yaml", overrides, cls=MaskLibraryConfig, values=values)
         return len(prepare(config).todo)
 

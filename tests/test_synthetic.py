@@ -149,7 +149,7 @@ def test_shadow_map_is_the_darkening_outside_the_mask(rooms: dict[int, Synthetic
 
 def test_segmentation_pairs_are_photos_with_their_class_maps(tmp_path: Path) -> None:
     names = write_segmentation_pairs(tmp_path, count=3, seed=4, size=(64, 48))
-    assert names == ["room_00000.png", "room_00001.png", "room_00002.png"]
+    assert names == ["room_0000004.png", "room_0000005.png", "room_0000006.png"]
     for i, name in enumerate(names):
         room = render_room(4 + i, 64, 48)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)), room.furnished)
@@ -220,6 +220,10 @@ def test_cli_writes_and_prints_paths(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_cli_writes_label_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main([str(tmp_path), "--labels", "--count", "2"])
+    main([str(tmp_path), "--labels", "--count", "1", "--seed", "2", "--size", "64x96"])
     printed = capsys.readouterr().out.split()
-    assert [Path(line).name for line in printed] == ["room_00000.png", "room_00001.png"]
+    assert [Path(line).name for line in printed] == ["room_0000000.png", "room_0000001.png", "room_0000002.png"]
     assert all((tmp_path / "labels" / Path(line).name).is_file() for line in printed)
+    assert Image.open(tmp_path / "images/room_0000002.png").size == (64, 96)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--count", "1", "--size", "64x96"])  # the demo catalogue has its own sizes
