@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the `toy` preset (casalimpia/data/toy) from scratch, with the project's own jobs on synthetic
 # rooms, and measure it on held-out rooms. Seeded throughout: a rerun reproduces the shipped models'
-# figures. On a 2-core CPU it takes about TOY_MINUTES minutes (README, "The toy world").
+# figures. On a 2-core CPU its steps took about 2 hours in all (README, "The toy world").
 #   bash scripts/make_toy_models.sh
 # Training rooms come from seeds below 1,000,000; the evaluation's rooms from 1,000,000 on, which no
 # toy model ever sees.
