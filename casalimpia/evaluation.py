@@ -461,18 +461,12 @@ class SetupPainter:
         A photo whose mask is empty (the segmenter found nothing) is returned as it is, as the
         de-furnishing job writes it.
         """
-        outputs = list(images)
-        rows = [i for i, mask in enumerate(masks) if mask.any()]
-        if self.inpainter is not None and rows:
-            painted = self.inpainter.paint(
-                [images[i] for i in rows], [masks[i] for i in rows], [sources[i] for i in rows]
-            )
-            for i, output in zip(rows, painted, strict=True):
-                outputs[i] = output
-        elif self.inpainter is None:
-            for i in rows:
-                outputs[i] = paint_classical(images[i], masks[i], method=self.setup.method, radius=self.setup.radius)
-        return outputs
+        if self.inpainter is not None:
+            return self.inpainter.paint(images, masks, sources)
+        return [
+            paint_classical(image, mask, method=self.setup.method, radius=self.setup.radius) if mask.any() else image
+            for image, mask in zip(images, masks, strict=True)
+        ]
 
     def _peak_memory_gb(self) -> float:
         if self.device is None or self.device.type == "cpu":

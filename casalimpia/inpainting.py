@@ -272,17 +272,24 @@ class Inpainter:
         return {**kept, "painted": painted, "error": errors, "seconds_inpaint": done}
 
     def paint(self, images: list[np.ndarray], masks: list[np.ndarray], sources: list[str]) -> list[np.ndarray]:
-        """De-furnished photos at their own size, one per (photo, mask, source path), all in this process."""
-        if not images:
-            return []
-        inputs = [model_input(image, mask, self.config) for image, mask in zip(images, masks, strict=True)]
+        """De-furnished photos at their own size, one per (photo, mask, source path), all in this process.
+
+        A photo whose mask is empty is returned as it is, as the de-furnishing job writes it.
+        """
+        outputs = list(images)
+        rows = [i for i, mask in enumerate(masks) if mask.any()]
+        if not rows:
+            return outputs
+        inputs = {i: model_input(images[i], masks[i], self.config) for i in rows}
         painted = self.paint_crops(
-            np.stack([item.image for item in inputs]), np.stack([item.mask for item in inputs]), sources
+            np.stack([inputs[i].image for i in rows]),
+            np.stack([inputs[i].mask for i in rows]),
+            [sources[i] for i in rows],
         )
-        return [
-            blend_back(image, mask, tile, item.crop, item.content, self.config.feather)
-            for image, mask, tile, item in zip(images, masks, painted, inputs, strict=True)
-        ]
+        for i, tile in zip(rows, painted, strict=True):
+            item = inputs[i]
+            outputs[i] = blend_back(images[i], masks[i], tile, item.crop, item.content, self.config.feather)
+        return outputs
 
     @torch.inference_mode()
     def paint_crops(self, images: np.ndarray, masks: np.ndarray, sources: list[str]) -> np.ndarray:

@@ -115,6 +115,10 @@ def test_the_stages_paint_what_painting_in_process_paints(inpainter):
     in_process = inpainter.paint([room.furnished for room in rooms], [room.mask for room in rooms], ["a.png", "b.png"])
     for one, other in zip(staged, in_process, strict=True):
         assert np.array_equal(one, other)
+    # In process, a photo with nothing masked comes back as it is and the others are painted as before.
+    nothing = np.zeros_like(rooms[0].mask)
+    mixed = inpainter.paint([rooms[0].furnished, rooms[1].furnished], [nothing, rooms[1].mask], ["a.png", "b.png"])
+    assert mixed[0] is rooms[0].furnished and np.array_equal(mixed[1], in_process[1])
 
 
 def test_inpainter_is_reproducible_per_photo_whatever_the_batch(inpainter):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
 from casalimpia.classes import ADE20K_CLASSES, MOVABLE, STRUCTURE
@@ -118,6 +118,13 @@ def test_class_map_names_furniture_exactly_under_the_mask(rooms: dict[int, Synth
     assert {"wall", "floor", "ceiling", "windowpane"} <= set(np.unique(names))
 
 
+def test_structure_map_is_the_class_map_with_the_furniture_taken_out(rooms: dict[int, SyntheticRoom]) -> None:
+    for room in rooms.values():
+        assert room.structure.dtype == np.uint8
+        assert np.array_equal(room.structure[~room.mask], room.classes[~room.mask])
+        assert set(np.unique(np.array(ADE20K_CLASSES)[room.structure])) <= set(STRUCTURE)
+
+
 def test_class_map_follows_the_painted_structure(rooms: dict[int, SyntheticRoom]) -> None:
     names = {seed: np.array(ADE20K_CLASSES)[room.classes] for seed, room in rooms.items()}
     with_door = [seed for seed in SEEDS if (names[seed] == "door").any()]
@@ -156,6 +163,23 @@ def test_segmentation_pairs_are_photos_with_their_class_maps(tmp_path: Path) -> 
         label = Image.open(tmp_path / "labels" / name)
         assert label.mode == "L"
         assert np.array_equal(np.asarray(label), room.classes)
+
+
+def test_twins_are_the_empty_room_and_the_cleared_room_labelled_as_empty(tmp_path: Path) -> None:
+    names = write_segmentation_pairs(tmp_path, count=1, seed=4, size=(64, 48), twins=True)
+    assert names == ["room_0000004.png", "room_0000004_empty.png", "room_0000004_cleared.png"]
+    room = render_room(4, 64, 48)
+    photo = {name: np.asarray(Image.open(tmp_path / "images" / name)) for name in names}
+    assert np.array_equal(photo["room_0000004_empty.png"], room.empty)
+    cleared = photo["room_0000004_cleared.png"].astype(np.int16)
+    # Filled in from around the furniture: far from the furniture's colours, near the empty room's.
+    inside = room.mask
+    assert np.abs(cleared[inside] - room.empty[inside]).mean() < np.abs(cleared[inside] - room.furnished[inside]).mean()
+    # Away from the furniture (and its one pixel of anti-aliased edge) it is the furnished photo, shadows and all.
+    grown = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))) > 0
+    assert np.array_equal(cleared[~grown], room.furnished[~grown])
+    for name in names[1:]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "labels" / name)), room.structure)
 
 
 def test_training_files_never_reach_into_the_held_out_seeds(tmp_path: Path) -> None:
@@ -227,3 +251,5 @@ def test_cli_writes_label_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert Image.open(tmp_path / "images/room_0000002.png").size == (64, 96)
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--count", "1", "--size", "64x96"])  # the demo catalogue has its own sizes
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--pairs", "--twins"])

@@ -32,7 +32,14 @@ from PIL import Image
 
 from casalimpia.synthetic.render import HELD_OUT_SEED, SyntheticRoom, _render, render_room
 
-__all__ = ["demo_room", "demo_room_path", "main", "write_demo_rooms", "write_room_pairs", "write_segmentation_pairs"]
+__all__ = [
+    "demo_room",
+    "demo_room_path",
+    "main",
+    "write_demo_rooms",
+    "write_room_pairs",
+    "write_segmentation_pairs",
+]
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -128,13 +135,18 @@ def write_room_pairs(folder: str | Path, count: int, seed: int = 0, size: tuple[
 
 
 def write_segmentation_pairs(
-    folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (128, 96)
+    folder: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (128, 96), *, twins: bool = False
 ) -> list[str]:
     """Write furnished rooms with their class maps: ``images/`` and ``labels/`` under folder.
 
     The room of seed ``s`` is ``images/room_{s:07d}.png`` and ``labels/room_{s:07d}.png``, the
     label an 8-bit PNG of 0-indexed ADE20K ids (see :attr:`SyntheticRoom.classes`); named by seed,
-    writes of other seed ranges and sizes can share one folder. Returns the file names.
+    writes of other seed ranges and sizes can share one folder. With ``twins`` each room also
+    gets ``room_{s:07d}_empty.png`` (its empty twin) and ``room_{s:07d}_cleared.png`` (the furnished
+    photo with its furniture filled in by OpenCV's Telea inpainting, the smooth fill an imperfect
+    painter leaves), both labelled with the room's structure: the segmenter also judges painted
+    outputs (the quality gate), and a model that has only seen furnished rooms calls bare walls
+    and smooth fills furniture. Returns the file names.
     """
     _check_seeds(seed, count)
     root = Path(folder)
@@ -143,11 +155,24 @@ def write_segmentation_pairs(
     names = []
     for i in range(count):
         room = render_room(seed + i, *size)
-        name = f"room_{seed + i:07d}.png"
-        Image.fromarray(room.furnished).save(root / "images" / name, optimize=True)
-        Image.fromarray(room.classes).save(root / "labels" / name, optimize=True)
-        names.append(name)
+        examples = {f"room_{seed + i:07d}.png": (room.furnished, room.classes)}
+        if twins:
+            examples[f"room_{seed + i:07d}_empty.png"] = (room.empty, room.structure)
+            examples[f"room_{seed + i:07d}_cleared.png"] = (_cleared(room), room.structure)
+        for name, (photo, labels) in examples.items():
+            Image.fromarray(photo).save(root / "images" / name, optimize=True)
+            Image.fromarray(labels).save(root / "labels" / name, optimize=True)
+            names.append(name)
     return names
+
+
+def _cleared(room: SyntheticRoom) -> np.ndarray:
+    """The furnished photo with its furniture filled in from around it by OpenCV's Telea inpainting."""
+    import cv2
+
+    # One pixel of growth takes the furniture's anti-aliased edge with it, as the job's mask dilation does.
+    mask = cv2.dilate(room.mask.astype(np.uint8) * 255, np.ones((3, 3), np.uint8))
+    return cv2.inpaint(room.furnished, mask, 3, cv2.INPAINT_TELEA)
 
 
 def _check_seeds(seed: int, count: int) -> None:
@@ -193,9 +218,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--labels", action="store_true", help="write images/ and labels/ (ADE20K class maps, 128x96) instead"
     )
     parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="with --labels, also write each room's empty twin and its furniture filled in, labelled as empty",
+    )
+    parser.add_argument(
         "--size", type=_size, help="WIDTHxHEIGHT of every room written with --pairs or --labels (default: as above)"
     )
     args = parser.parse_args(argv)
+    if args.twins and not args.labels:
+        parser.error("--twins goes with --labels")
     if args.size is not None and not (args.pairs or args.labels):
         parser.error("--size goes with --pairs or --labels (the demo catalogue mixes its own sizes)")
     sized = {} if args.size is None else {"size": args.size}
@@ -204,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(args.folder / "furnished" / name)
         return
     if args.labels:
-        for name in write_segmentation_pairs(args.folder, args.count, seed=args.seed, **sized):
+        for name in write_segmentation_pairs(args.folder, args.count, seed=args.seed, twins=args.twins, **sized):
             print(args.folder / "images" / name)
         return
     for path in write_demo_rooms(args.folder, count=args.count, seed=args.seed):

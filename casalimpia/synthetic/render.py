@@ -119,6 +119,9 @@ class SyntheticRoom:
             where ``mask`` is True.
         shadow: ``(H, W)`` float32 darkening in [0, 1) that furniture shadows
             apply to the empty room (0 where nothing is shaded).
+        structure: ``(H, W)`` uint8 ADE20K ids of the empty room: ``classes`` with
+            each furniture pixel given the wall, floor, ceiling, windowpane or door
+            behind it.
     """
 
     furnished: np.ndarray
@@ -126,6 +129,7 @@ class SyntheticRoom:
     mask: np.ndarray
     classes: np.ndarray
     shadow: np.ndarray
+    structure: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -361,10 +365,16 @@ def _render(rng: np.random.Generator, width: int, height: int, kind: str) -> Syn
     furnished_lin[:, rows, cols] += furniture
 
     mask = _block_any(covered)
-    classes = np.where(mask, painter.furniture_classes(labels), _structure_classes(room, cam, window, door))
+    structure = _structure_classes(room, cam, window, door)
+    classes = np.where(mask, painter.furniture_classes(labels), structure)
     finish = _photo_finish(rng, width, height)
     return SyntheticRoom(
-        furnished=finish(furnished_lin), empty=finish(empty_lin), mask=mask, classes=classes, shadow=shadow
+        furnished=finish(furnished_lin),
+        empty=finish(empty_lin),
+        mask=mask,
+        classes=classes,
+        shadow=shadow,
+        structure=structure,
     )
 
 
