@@ -10,22 +10,21 @@ cd "$(dirname "$0")/.."
 rooms=outputs/toy/rooms
 rm -rf outputs/toy
 
-# 1. Synthetic rooms: class maps for the segmenter (landscape, portrait, square; the empty and the
-#    cleared twins of 660 of them for its second stage), furnished/empty pairs with exact masks for
-#    the painter and its LoRA, and held-out pairs for the evaluation.
+# 1. Synthetic rooms: class maps for the segmenter (landscape, portrait, square), furnished/empty
+#    pairs with exact masks for the painter and its LoRA, and held-out pairs for the evaluation.
 python -m casalimpia.synthetic $rooms/segmentation --labels --count 1100 --seed 0 --size 128x96 >/dev/null
 python -m casalimpia.synthetic $rooms/segmentation --labels --count 250 --seed 1100 --size 96x128 >/dev/null
 python -m casalimpia.synthetic $rooms/segmentation --labels --count 150 --seed 1350 --size 112x112 >/dev/null
-python -m casalimpia.synthetic $rooms/twins --labels --twins --count 500 --seed 0 --size 128x96 >/dev/null
-python -m casalimpia.synthetic $rooms/twins --labels --twins --count 100 --seed 1100 --size 96x128 >/dev/null
-python -m casalimpia.synthetic $rooms/twins --labels --twins --count 60 --seed 1350 --size 112x112 >/dev/null
 python -m casalimpia.synthetic $rooms/pairs --pairs --count 1000 --seed 2000 >/dev/null
 python -m casalimpia.synthetic $rooms/held_out --pairs --count 200 --seed 1000000 >/dev/null
 
-# 2. The segmenter (furnished rooms, then with the twins), the base painter (the whole UNet), the
-#    mask library and the LoRA on the base.
+# 2. The segmenter on the furnished rooms; then the empty and cleared twins of 660 of them join its
+#    rooms (rewriting those rooms byte for byte) for its second stage. The base painter (the whole
+#    UNet), the mask library and the LoRA on the base.
 python jobs/train_segmenter.py --config configs/toy/segmenter.yaml
-cp -rn $rooms/segmentation/. $rooms/twins/
+python -m casalimpia.synthetic $rooms/segmentation --labels --twins --count 500 --seed 0 --size 128x96 >/dev/null
+python -m casalimpia.synthetic $rooms/segmentation --labels --twins --count 100 --seed 1100 --size 96x128 >/dev/null
+python -m casalimpia.synthetic $rooms/segmentation --labels --twins --count 60 --seed 1350 --size 112x112 >/dev/null
 python jobs/train_segmenter.py --config configs/toy/segmenter_twins.yaml
 python jobs/train.py --config configs/toy/painter.yaml
 python jobs/masks.py --config configs/toy/masks.yaml
