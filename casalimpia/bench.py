@@ -7,6 +7,8 @@ One run measures, on whatever device is present:
     stage     the Inpainter alone, in this process, on the crops of the same photos and the job's masks;
               optionally again with each of ``variants``' speed settings switched on
     host      the CPU work the job keeps off the painting actors, per image: cropping and blending back
+    write     writing one painted 12 MP JPEG as the job does (only the masked blocks re-encoded) against
+              a whole re-encode, for a baseline 4:2:0 and a progressive 4:4:4 input
     masking   the FurnitureMasker alone on the same photos, to size the two pools against each other
     baseline  diffusers' pipeline called once per photo in fp32: no Ray, no batching, no crop
     gpu       on a GPU: the UNet's model FLOP utilisation, peak memory, cost per 1,000 images
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import io
 import json
 import logging
 import math
@@ -33,11 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from casalimpia import storage
 from casalimpia.config import BenchConfig, DefurnishConfig, to_yaml
 from casalimpia.images import decode_image, decode_mask, encode_image, encode_mask
 from casalimpia.inpainting import blend_painted, crop_for_painting, to_paint
+from casalimpia.jpeg_blocks import replace_masked_blocks
+from casalimpia.output_photos import changed_outside
 from casalimpia.pipeline import execute, object_array, prepare, read_manifest
 from casalimpia.synthetic import render_room
 
@@ -53,6 +59,7 @@ RECORD_FIELDS = (
     "job",
     "stage",
     "host",
+    "write",
     "masking",
     "baseline",
     "gpu",
@@ -95,6 +102,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "job": job,
         "stage": stage,
         "host": host,
+        "write": measure_write(config),
         "masking": measure_masking(config, batches, placement),
         "baseline": measure_baseline(config, batches, placement),
         "gpu": gpu,
@@ -318,6 +326,50 @@ def measure_host(
     blend_seconds = time.perf_counter() - start
     host = {"crop_ms_per_image": 1000 * crop_seconds / painted, "blend_ms_per_image": 1000 * blend_seconds / painted}
     return host, cropped
+
+
+def measure_write(config: BenchConfig) -> dict[str, Any]:
+    """Milliseconds to write one painted photo of ``write_photo_size`` as a JPEG, best of three.
+
+    ``blocks_ms`` is what the job's write task does with a JPEG (``replace_masked_blocks``: read the
+    input's coefficients, re-encode the blocks the mask touches, write), ``encode_ms`` a whole
+    re-encode of the painted pixels at ``write.quality``, what the job did before; ``check_ms`` is
+    the decode that measures ``outside_changed``. The photo is a synthetic room scaled up, its
+    furniture the mask.
+    """
+    width, height = config.write_photo_size
+    room = render_room(0, max(64, width // 4), max(64, height // 4))
+    photo = np.asarray(Image.fromarray(room.furnished).resize((width, height), Image.Resampling.BICUBIC))
+    mask = np.asarray(Image.fromarray(room.mask).resize((width, height), Image.Resampling.NEAREST))
+    painted = photo.copy()
+    painted[mask] = photo[mask] // 2
+    record: dict[str, Any] = {"megapixels": width * height / 1e6, "mask_fraction": float(mask.mean())}
+    inputs = {"baseline": {"subsampling": 2}, "progressive": {"subsampling": 0, "progressive": True}}
+    for name, options in inputs.items():
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, "JPEG", quality=90, **options)
+        original = buffer.getvalue()
+        blocks = _best_of(3, lambda original=original: replace_masked_blocks(original, painted, mask))
+        encode = _best_of(3, lambda: encode_image(painted, "jpeg", quality=config.write.quality))
+        written = replace_masked_blocks(original, painted, mask)
+        check = _best_of(3, lambda written=written: changed_outside(written, painted, mask))
+        record[name] = {
+            "blocks_ms": 1000 * blocks,
+            "encode_ms": 1000 * encode,
+            "check_ms": 1000 * check,
+            "blocks_over_encode": blocks / encode,
+        }
+    return record
+
+
+def _best_of(repeats: int, work: Any) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``work``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def unet_flops_per_image(pipe: Any, config: BenchConfig) -> float:

@@ -21,6 +21,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from casalimpia.classes import PRESETS, STRUCTURE, check_class_names, normalize_label
+from casalimpia.images import IMAGE_SUFFIXES
 
 TINY = "tiny"
 """Model reference that builds small random models in code: offline tests and demos."""
@@ -51,7 +52,7 @@ class DecodeConfig:
     """Refuse images with more pixels than this before decoding them (decompression bombs)."""
     min_side: int = 64
     """Refuse images whose shorter side is below this many pixels."""
-    suffixes: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
+    suffixes: list[str] = field(default_factory=lambda: list(IMAGE_SUFFIXES))
     """File suffixes treated as photos (case-insensitive); other files become failed rows."""
 
     def __post_init__(self) -> None:
@@ -157,7 +158,7 @@ class InpaintConfig:
         _check(0 <= self.lora_scale <= 2, "inpaint.lora_scale", "must be in [0, 2]")
 
 
-OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
+OUTPUT_FORMATS = ("same", "png", "jpeg", "webp", "heif", "avif")
 
 
 @dataclass
@@ -165,9 +166,9 @@ class WriteConfig:
     """What is written for each photo."""
 
     format: str = "same"
-    """Output image format: 'same' as the input, or png, jpeg, webp (png keeps unmasked pixels exact)."""
+    """Output format: 'same' as the input (JPEG blocks outside the mask kept), or png, jpeg, webp, heif, avif."""
     quality: int = 95
-    """JPEG/WebP quality."""
+    """Quality of lossy formats encoded whole (not of JPEGs written as JPEG: they keep the input's tables)."""
     save_masks: bool = True
     """Write the removal mask of each photo under masks/."""
 
@@ -776,6 +777,8 @@ class BenchConfig:
     """Synthetic photos timed through the whole job and the stage alone."""
     photo_size: list[int] = field(default_factory=lambda: [1024, 768])
     """Width and height of the synthetic furnished photos (JPEG)."""
+    write_photo_size: list[int] = field(default_factory=lambda: [4000, 3000])
+    """Width and height of the photo whose JPEG output is timed (a phone's 12 MP): block-exact against whole."""
     segment: bool = True
     """Mask with the segmentation model, as the job does; false gives the job the synthetic rooms' true
     furniture masks, so that every photo is painted even by a segmenter with random weights that finds
@@ -807,6 +810,8 @@ class BenchConfig:
         _check(self.baseline_photos >= 1, "baseline_photos", "must be at least 1")
         ok = len(self.photo_size) == 2 and all(side >= self.decode.min_side for side in self.photo_size)
         _check(ok, "photo_size", f"must be [width, height], each at least decode.min_side ({self.decode.min_side})")
+        ok = len(self.write_photo_size) == 2 and all(side >= 16 for side in self.write_photo_size)
+        _check(ok, "write_photo_size", "must be [width, height], each at least 16")
         _check(all(size >= 1 for size in self.scaling), "scaling", "sizes must be at least 1")
         for variant in self.variants:
             names = variant.split("+")

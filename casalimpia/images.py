@@ -1,4 +1,5 @@
-"""Decode untrusted photo and mask bytes into numpy arrays, and encode results.
+"""Decode untrusted photo and mask bytes into numpy arrays, read what else a photo file holds, and
+encode results.
 
 Catalogue inputs are scraped or uploaded, so anything can arrive: empty files,
 HTML error pages saved as ``.jpg``, truncated transfers, decompression bombs,
@@ -12,20 +13,38 @@ from __future__ import annotations
 import contextlib
 import io
 import posixpath
+import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import pillow_heif
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif")
+
+# Pillow reads AVIF itself (11.2 and later); pillow-heif adds HEIC/HEIF, as the "HEIF" format.
+pillow_heif.register_heif_opener()
 
 # Pillow sniffs dozens of formats, some with large attack surfaces or external
 # decoders (EPS shells out to Ghostscript); untrusted bytes only reach the ones
 # the catalogue uses. Camera MPO files are reached through the JPEG opener.
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP")
-_SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
-_FORMAT_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
-_FORMAT_ALIASES = {"jpg": "jpeg"}
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "HEIF")
+_SUFFIX_FORMATS = {
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".heic": "heif",
+    ".heif": "heif",
+    ".avif": "avif",
+}
+_FORMAT_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "heif": ".heic", "avif": ".avif"}
+_FORMAT_ALIASES = {"jpg": "jpeg", "heic": "heif"}
+_PIL_FORMAT_NAMES = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "AVIF": "avif", "HEIF": "heif"}
+_ORIENTATION = ExifTags.Base.Orientation
+# The XMP copy of the orientation, which some viewers honour over EXIF's.
+_XMP_ORIENTATION = re.compile(rb'(tiff:Orientation(?:="|>))[0-9]')
 # Pillow's convert() clips these to 255 instead of rescaling. Older Pillow
 # releases open 16-bit grayscale PNGs as "I"; the samples are 0..65535 either way.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -56,9 +75,9 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
     still applies above ``max_pixels``.
 
     Raises:
-        ImageDecodeError: the bytes are empty, not a JPEG/PNG/WebP, truncated
-            or corrupt, or the image is larger than ``max_pixels`` or has a
-            side shorter than ``min_side``.
+        ImageDecodeError: the bytes are empty, not a JPEG/PNG/WebP/HEIF/AVIF,
+            truncated or corrupt, or the image is larger than ``max_pixels``
+            or has a side shorter than ``min_side``.
     """
     with _open(data, max_pixels=max_pixels) as image:
         width, height = image.size
@@ -70,11 +89,66 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
     return rgb
 
 
-def encode_image(rgb: np.ndarray, fmt: str, *, quality: int = 95) -> bytes:
-    """Encode an (H, W, 3) uint8 RGB array as 'png', 'jpeg' (or 'jpg') or 'webp'.
+@dataclass(frozen=True)
+class Metadata:
+    """A photo's colour profile and descriptive metadata, carried into the files written from it."""
 
-    PNG is lossless. ``quality`` (0-100) applies to JPEG and WebP; WebP at
-    quality 100 is encoded lossless.
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    """Every EXIF tag, the orientation set to 1: the pixels written from a decoded photo are upright."""
+    xmp: bytes | None = None
+    """The XMP packet, its orientation set to 1 like EXIF's."""
+    dpi: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class PhotoFile:
+    """What a photo file holds besides its pixels, as writing a result from it needs it."""
+
+    format: str
+    """'jpeg', 'png', 'webp', 'heif' or 'avif': what the bytes are, whatever the file is called."""
+    orientation: int
+    """The EXIF orientation (1-8) that ``decode_image`` applied; 1 when it applied none."""
+    lossless: bool
+    """PNG or lossless WebP: a result written the same way is exact outside its mask."""
+    metadata: Metadata
+
+
+def inspect_photo(data: bytes) -> PhotoFile:
+    """Read a photo file's format, orientation and metadata from its header, without decoding pixels.
+
+    Raises:
+        ImageDecodeError: the bytes are not a photo ``decode_image`` reads.
+    """
+    with _open(data, max_pixels=Image.MAX_IMAGE_PIXELS * 2) as image:
+        orientation = 1
+        # decode_image ignores a broken EXIF block, and so does this.
+        with contextlib.suppress(Exception):
+            orientation = int(image.getexif().get(_ORIENTATION, 1))
+        raw_exif = image.info.get("exif")
+        fmt = _PIL_FORMAT_NAMES[image.format]
+        xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+        if isinstance(xmp, str):
+            xmp = xmp.encode()
+        metadata = Metadata(
+            icc_profile=image.info.get("icc_profile") or None,
+            exif=_upright_exif(raw_exif) if raw_exif else None,
+            xmp=_XMP_ORIENTATION.sub(rb"\g<1>1", xmp) if xmp else None,
+            dpi=image.info.get("dpi"),
+        )
+    lossless = fmt == "png" or (fmt == "webp" and _is_lossless_webp(data))
+    return PhotoFile(fmt, orientation if 1 <= orientation <= 8 else 1, lossless, metadata)
+
+
+def encode_image(
+    rgb: np.ndarray, fmt: str, *, quality: int = 95, lossless: bool = False, metadata: Metadata | None = None
+) -> bytes:
+    """Encode an (H, W, 3) uint8 RGB array as 'png', 'jpeg' (or 'jpg'), 'webp', 'heif' (or 'heic') or 'avif'.
+
+    PNG is lossless. ``quality`` (0-100) applies to the others; WebP with
+    ``lossless`` or at quality 100 is encoded lossless. ``metadata`` goes
+    wherever the format holds it: the ICC profile, EXIF and XMP into all
+    (XMP as an iTXt chunk in PNG), DPI into JPEG and PNG.
 
     Raises:
         ValueError: unknown format, quality out of range, or an array that is
@@ -87,28 +161,90 @@ def encode_image(rgb: np.ndarray, fmt: str, *, quality: int = 95) -> bytes:
     if not 0 <= quality <= 100:
         raise ValueError(f"quality must be in 0..100, got {quality}")
     image = Image.fromarray(rgb)
+    options = _metadata_options(fmt, metadata or Metadata())
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, "PNG")
-    elif fmt == "jpeg":
-        image.save(buffer, "JPEG", quality=quality)
-    elif quality == 100:
+        image.save(buffer, "PNG", **options)
+    elif fmt == "webp" and (lossless or quality == 100):
         # Lossless WebP reads "quality" as compression effort, not fidelity,
         # and 100 is by far the slowest setting: keep Pillow's default effort.
-        image.save(buffer, "WEBP", lossless=True)
+        image.save(buffer, "WEBP", lossless=True, **options)
     else:
-        image.save(buffer, "WEBP", quality=quality)
+        image.save(buffer, fmt.upper(), quality=quality, **options)
     return buffer.getvalue()
+
+
+def to_stored_orientation(upright: np.ndarray, orientation: int) -> np.ndarray:
+    """Undo ``decode_image``'s EXIF transposition: the array as the file stores it."""
+    undo = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, k=1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, k=-1),
+    }
+    return np.ascontiguousarray(undo[orientation](upright)) if orientation in undo else upright
+
+
+def _metadata_options(fmt: str, metadata: Metadata) -> dict:
+    """Pillow's save() options that write ``metadata`` into ``fmt``."""
+    options: dict = {}
+    if metadata.icc_profile:
+        options["icc_profile"] = metadata.icc_profile
+    if metadata.exif:
+        options["exif"] = metadata.exif
+    if metadata.dpi and fmt in ("jpeg", "png"):
+        options["dpi"] = metadata.dpi
+    if metadata.xmp and fmt == "png":
+        text = PngImagePlugin.PngInfo()
+        text.add_itxt("XML:com.adobe.xmp", metadata.xmp.decode("utf-8", "replace"))
+        options["pnginfo"] = text
+    elif metadata.xmp:
+        options["xmp"] = metadata.xmp
+    return options
+
+
+def _upright_exif(raw: bytes) -> bytes:
+    """The EXIF block byte for byte, but for its orientation tag's value set to 1 (upright).
+
+    Patching the one value keeps every other tag, maker notes and offsets included, exactly as
+    the camera wrote them, which re-serialising the parsed tags would not.
+    """
+    header = 6 if raw.startswith(b"Exif\x00\x00") else 0
+    order = {b"II": "little", b"MM": "big"}.get(raw[header : header + 2])
+    if order is None or len(raw) < header + 8:
+        return raw
+    first_ifd = header + int.from_bytes(raw[header + 4 : header + 8], order)
+    count = int.from_bytes(raw[first_ifd : first_ifd + 2], order)
+    for entry in range(first_ifd + 2, min(first_ifd + 2 + 12 * count, len(raw) - 11), 12):
+        if int.from_bytes(raw[entry : entry + 2], order) == _ORIENTATION:
+            # A SHORT fits in the entry itself: its value is the first two bytes of the value field.
+            return raw[: entry + 8] + (1).to_bytes(2, order) + raw[entry + 10 :]
+    return raw
+
+
+def _is_lossless_webp(data: bytes) -> bool:
+    """Whether a WebP file's image is coded lossless (a VP8L chunk), from its RIFF chunks."""
+    position = 12  # after "RIFF", the size and "WEBP"
+    while position + 8 <= len(data):
+        chunk, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
+        if chunk in (b"VP8L", b"VP8 "):
+            return chunk == b"VP8L"
+        position += 8 + size + (size & 1)
+    return False
 
 
 def output_format(path: str, requested: str) -> str:
     """Resolve the output format: 'same' follows the input's suffix, else ``requested``.
 
-    'same' maps .jpg/.jpeg to 'jpeg', .png to 'png' and .webp to 'webp'
-    (case-insensitive); any other suffix falls back to lossless 'png'.
+    'same' maps .jpg/.jpeg to 'jpeg', .png to 'png', .webp to 'webp',
+    .heic/.heif to 'heif' and .avif to 'avif' (case-insensitive); any other
+    suffix falls back to lossless 'png'.
 
     Raises:
-        ValueError: ``requested`` is not 'same', 'png', 'jpeg' ('jpg') or 'webp'.
+        ValueError: ``requested`` is not 'same' or a format ``encode_image`` writes.
     """
     if requested == "same":
         suffix = posixpath.splitext(path)[1].lower()
@@ -120,7 +256,8 @@ def with_suffix(path: str, fmt: str) -> str:
     """Return the POSIX-style ``path`` with its suffix replaced to match ``fmt``.
 
     A suffix that already denotes ``fmt`` is kept as written, so photo.JPG
-    stays photo.JPG for 'jpeg'; otherwise .jpg, .png or .webp replaces it.
+    stays photo.JPG for 'jpeg'; otherwise .jpg, .png, .webp, .heic or .avif
+    replaces it.
     The rest of the path is returned untouched.
     """
     fmt = _canonical_format(fmt)
@@ -151,8 +288,8 @@ def decode_mask(data: bytes, *, size: tuple[int, int]) -> np.ndarray:
     alpha varies (strokes drawn as opacity); otherwise luminance above 127.
 
     Raises:
-        ImageDecodeError: the bytes are empty, not a JPEG/PNG/WebP, truncated
-            or corrupt, or absurdly large.
+        ImageDecodeError: the bytes are empty, not a JPEG/PNG/WebP/HEIF/AVIF,
+            truncated or corrupt, or absurdly large.
     """
     with _open(data, max_pixels=_MASK_MAX_PIXELS) as image:
         rgb, alpha = _load_upright(image)
@@ -181,7 +318,8 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
-            f"not an image: not a readable JPEG, PNG or WebP file ({len(data)} bytes starting {data[:16]!r})"
+            f"not an image: not a readable JPEG, PNG, WebP, HEIF or AVIF file"
+            f" ({len(data)} bytes starting {data[:16]!r})"
         ) from exc
     except Image.DecompressionBombError as exc:
         # Pillow's hard limit fires inside open(), before the size reaches us.
@@ -245,7 +383,7 @@ def _is_uniform(values: np.ndarray) -> bool:
 def _canonical_format(fmt: str) -> str:
     canonical = _FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
     if canonical not in _FORMAT_SUFFIXES:
-        raise ValueError(f"unsupported format {fmt!r}: expected 'png', 'jpeg' or 'webp'")
+        raise ValueError(f"unsupported format {fmt!r}: expected one of {', '.join(_FORMAT_SUFFIXES)}")
     return canonical
 
 

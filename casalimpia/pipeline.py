@@ -51,7 +51,8 @@ from casalimpia.config import (
     RayConfig,
     to_yaml,
 )
-from casalimpia.images import ImageDecodeError, decode_image, encode_image, encode_mask, output_format, with_suffix
+from casalimpia.images import ImageDecodeError, decode_image, encode_mask, output_format, with_suffix
+from casalimpia.output_photos import encode_output
 from casalimpia.toy import BANNER, uses_toy
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("seconds_mask", pa.float64()),
         ("seconds_inpaint", pa.float64()),
         ("residual", pa.float64()),
+        ("outside_changed", pa.float64()),
         ("config_hash", pa.string()),
     ]
 )
@@ -115,6 +117,7 @@ def manifest_row(source: str, config_hash: str, **values: Any) -> dict[str, Any]
         "seconds_mask": 0.0,
         "seconds_inpaint": 0.0,
         "residual": None,
+        "outside_changed": None,
         "config_hash": config_hash,
     }
     row.update(values)
@@ -209,9 +212,9 @@ def plan_run(config: PhotoJobConfig, files: list[str], new_row: NewRow, file_col
 def list_input(uri: str) -> list[str]:
     """The relative paths of every file under the input URI; raises JobError when there are none."""
     try:
-        # Keys that could climb out of the output (a/../b) are listed too: plan_run refuses each one
-        # in the manifest rather than leaving it out unseen.
-        files = storage.list_files(uri, unsafe=True)
+        # Every file gets a row: hidden and underscored names are photos like any other, and keys that
+        # could climb out of the output (a/../b) are listed too, for plan_run to refuse in the manifest.
+        files = storage.list_files(uri, everything=True)
     except storage.StorageError as error:
         raise JobError(f"input: {error}") from None
     if not files:
@@ -310,23 +313,29 @@ def completed_rows(output: str, config_hash: str, file_columns: tuple[str, ...])
 
 
 def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels: int, min_side: int) -> dict:
-    """CPU task: fetch and decode each photo; failures become rows with an error, never exceptions."""
-    images, errors, widths, heights = [], [], [], []
+    """CPU task: fetch and decode each photo; failures become rows with an error, never exceptions.
+
+    The file's bytes travel with the photo as ``file``: its output is made from them (see
+    ``output_photos``), and reading them again at the end could find another photo under the name.
+    """
+    images, files, errors, widths, heights = [], [], [], [], []
     for source in batch["source"]:
+        data = b""
         try:
-            image = decode_image(
-                storage.read_bytes(storage.join(input_uri, source)), max_pixels=max_pixels, min_side=min_side
-            )
+            data = storage.read_bytes(storage.join(input_uri, source))
+            image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
             error = ""
         except (ImageDecodeError, storage.StorageError) as exc:
-            image, error = np.zeros((0, 0, 3), dtype=np.uint8), str(exc)
+            image, data, error = np.zeros((0, 0, 3), dtype=np.uint8), b"", str(exc)
         images.append(image)
+        files.append(data)
         errors.append(error)
         heights.append(image.shape[0])
         widths.append(image.shape[1])
     return {
         "source": batch["source"],
         "image": object_array(images),
+        "file": np.array(files, dtype=object),
         "error": np.array(errors, dtype=object),
         "width": np.array(widths, dtype=np.int64),
         "height": np.array(heights, dtype=np.int64),
@@ -345,8 +354,10 @@ def encode_and_write(
 ) -> pa.Table:
     """CPU task: write each result (and its mask) and return the manifest rows, without pixels.
 
-    With ``max_residual`` set, a written photo whose ``residual`` is above it (or could not be
-    measured) gets status 'review' and the reason in ``error``.
+    The image file is made from the input's (``output_photos.encode_output``): copied when there is
+    nothing to remove, JPEG blocks outside the mask kept, metadata carried. With ``max_residual``
+    set, a written photo whose ``residual`` is above it (or could not be measured) gets status
+    'review' and the reason in ``error``.
     """
     rows = []
     for i, source in enumerate(batch["source"]):
@@ -369,18 +380,18 @@ def encode_and_write(
                 if save_masks:
                     row["mask"] = f"masks/{source}.png"
                     storage.write_bytes(storage.join(output_uri, row["mask"]), encode_mask(batch["mask"][i]))
-                # The image goes last: its presence is what marks the photo done for a rerun.
-                storage.write_bytes(
-                    storage.join(output_uri, row["output"]),
-                    encode_image(batch["image"][i], image_format, quality=quality),
+                photo = encode_output(
+                    batch["file"][i], batch["image"][i], batch["mask"][i], image_format, quality=quality
                 )
-                row["status"] = "ok"
+                # The image goes last: its presence is what marks the photo done for a rerun.
+                storage.write_bytes(storage.join(output_uri, row["output"]), photo.data)
+                row.update(status="ok", outside_changed=photo.outside_changed)
                 if max_residual is not None:
                     row.update(_quality_verdict(residual, max_residual))
             except (storage.StorageError, OSError, ValueError) as exc:
                 error = f"write failed: {str(exc).splitlines()[0][:200]}"
         if error:
-            row.update(status="failed", error=error, output="", mask="")
+            row.update(status="failed", error=error, output="", mask="", outside_changed=None)
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 

@@ -195,15 +195,16 @@ def is_s3(uri: str) -> bool:
     return match is not None and match.group(1).lower() == "s3"
 
 
-def list_files(uri: str, *, unsafe: bool = False) -> list[str]:
+def list_files(uri: str, *, everything: bool = False) -> list[str]:
     """Return the relative POSIX paths of all files under ``uri``, sorted.
 
     Hidden entries (a path component starting with ``.``) and components
     starting with ``_`` (``_SUCCESS``, ``_manifest``, temp files) are
     skipped, as are S3 keys with empty, ``.`` or ``..`` components (``a//b``,
     ``a/../b``), which could climb out of a folder they are joined onto.
-    ``unsafe=True`` keeps the latter, for a caller that refuses each one
-    visibly (the bulk job gives them failed manifest rows). On S3 this is one
+    ``everything=True`` skips none of them, for a caller that accounts for
+    each file (the bulk job processes ``_drafts/room.jpg`` like any photo
+    and gives an unsafe key a failed manifest row). On S3 this is one
     paginated recursive listing with no request per object, so it scales to
     prefixes with millions of keys.
 
@@ -223,7 +224,7 @@ def list_files(uri: str, *, unsafe: bool = False) -> list[str]:
     # empty "dir/" marker objects; only real files are wanted.
     prefix = base.rstrip("/") + "/"
     paths = (info.path[len(prefix) :] for info in infos if info.type == pafs.FileType.File)
-    return sorted(path for path in paths if not _is_skipped(path, unsafe))
+    return sorted(paths) if everything else sorted(path for path in paths if not _is_skipped(path))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -378,14 +379,11 @@ def _atomic_local_write(path: str, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def _is_skipped(relative: str, unsafe: bool = False) -> bool:
-    # Without `unsafe`, "." covers "." and ".." too, so a listed path can never
-    # climb out of a copy_tree destination. Empty parts come from S3 keys such
-    # as "a//b", which pyarrow refuses to open ("Empty path component").
-    parts = relative.split("/")
-    if unsafe:
-        parts = [part for part in parts if part not in ("", ".", "..")]
-    return any(not part or part.startswith((".", "_")) for part in parts)
+def _is_skipped(relative: str) -> bool:
+    # "." covers "." and ".." too, so a listed path can never climb out of a
+    # copy_tree destination. Empty parts come from S3 keys such as "a//b",
+    # which pyarrow refuses to open ("Empty path component").
+    return any(not part or part.startswith((".", "_")) for part in relative.split("/"))
 
 
 def _run(action: str, uri: str, fs: pafs.FileSystem, operation: Callable[[], _T]) -> _T:

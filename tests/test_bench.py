@@ -39,6 +39,11 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     assert variant["speedup"] == pytest.approx(variant["images_per_second"] / stage["images_per_second"])
     assert variant["payback_images"] is None or variant["payback_images"] >= 0
     assert record["host"]["crop_ms_per_image"] > 0 and record["host"]["blend_ms_per_image"] > 0
+    assert "masked blocks re-encoded" in printed
+    write = record["write"]
+    assert write["megapixels"] == 12 and 0 < write["mask_fraction"] < 1
+    for kind in ("baseline", "progressive"):
+        assert write[kind]["blocks_over_encode"] == pytest.approx(write[kind]["blocks_ms"] / write[kind]["encode_ms"])
     assert record["masking"]["images_per_second"] > 0
     assert record["baseline"]["images_per_second"] > 0 and "job_speedup" in record["baseline"]
     assert record["gpu"] is None and record["scaling"] == [], "CPU run: no GPU figures, no sweep in quick mode"

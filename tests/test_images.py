@@ -390,7 +390,7 @@ def test_encode_rejects_bad_arguments(rgb: np.ndarray, fmt: str, quality: int) -
 
 
 def test_image_suffixes() -> None:
-    assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".webp")
+    assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif")
 
 
 @pytest.mark.parametrize(
@@ -400,6 +400,9 @@ def test_image_suffixes() -> None:
         ("a/photo.JPEG", "same", "jpeg"),
         ("a/photo.Png", "same", "png"),
         ("a/photo.webp", "same", "webp"),
+        ("a/IMG_0001.HEIC", "same", "heif"),
+        ("a/photo.heif", "same", "heif"),
+        ("a/photo.avif", "same", "avif"),
         ("a/photo.tiff", "same", "png"),
         ("a/photo", "same", "png"),
         ("a.jpg/photo", "same", "png"),
@@ -427,6 +430,8 @@ def test_output_format_rejects_unknown_request() -> None:
         ("rooms/photo.png", "jpeg", "rooms/photo.jpg"),
         ("rooms/photo.jpg", "webp", "rooms/photo.webp"),
         ("rooms/photo.WEBP", "png", "rooms/photo.png"),
+        ("rooms/IMG_0001.HEIC", "heic", "rooms/IMG_0001.HEIC"),
+        ("rooms/photo.jpg", "avif", "rooms/photo.avif"),
         ("rooms/photo.tiff", "png", "rooms/photo.png"),
         ("rooms/photo", "png", "rooms/photo.png"),
         ("rooms.v2/photo", "jpeg", "rooms.v2/photo.jpg"),

@@ -193,6 +193,7 @@ def test_s3_catalogue_with_hostile_keys_writes_nothing_outside_the_output(ray_lo
         "seconds_mask",
         "seconds_inpaint",
         "residual",
+        "outside_changed",
         "config_hash",
     ]
     _, summary = run_job(input_uri, output_uri)

@@ -159,6 +159,13 @@ def test_list_files_s3(s3_bucket: str, suffix: str) -> None:
     ]
 
 
+def test_list_files_everything_keeps_hidden_and_underscored_names(root: str) -> None:
+    for relative, data in TREE.items():
+        storage.write_bytes(storage.join(root, relative), data)
+    assert storage.list_files(root) == WANTED
+    assert storage.list_files(root, everything=True) == sorted(TREE)
+
+
 def test_round_trip(root: str) -> None:
     uri = storage.join(root, "nested/deeper/photo.png")
     storage.write_bytes(uri, b"\x89PNG data")
