@@ -273,6 +273,8 @@ class DefurnishConfig:
     """Photos shown in report.html."""
     manifest_every: int = MANIFEST_EVERY
     """Persist manifest rows every this many photos: a killed driver redoes at most this many on rerun."""
+    progress_every: float = 30.0
+    """Seconds between the driver's progress lines (done/total, rate, ETA, failed); 0: none."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding and input checks."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -293,6 +295,7 @@ class DefurnishConfig:
         _check_job_uris(self.input, self.output)
         _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
         _check(self.manifest_every >= 1, "manifest_every", "must be at least 1")
+        _check(self.progress_every >= 0, "progress_every", "must be non-negative")
         _check(self.report_samples >= 0, "report_samples", "must be non-negative")
 
     def config_hash(self) -> str:
@@ -316,6 +319,8 @@ class MaskLibraryConfig:
     """Width in pixels of the margin ring: the band of real pixels just outside the mask that is kept."""
     manifest_every: int = MANIFEST_EVERY
     """Persist manifest rows every this many photos: a killed driver redoes at most this many on rerun."""
+    progress_every: float = 30.0
+    """Seconds between the driver's progress lines (done/total, rate, ETA, failed); 0: none."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding and input checks."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -329,6 +334,7 @@ class MaskLibraryConfig:
         _check_job_uris(self.input, self.output)
         _check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
         _check(self.manifest_every >= 1, "manifest_every", "must be at least 1")
+        _check(self.progress_every >= 0, "progress_every", "must be non-negative")
         _check(0 <= self.ring <= 512, "ring", "must be in [0, 512] pixels")
 
     def config_hash(self) -> str:

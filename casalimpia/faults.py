@@ -9,6 +9,8 @@ comma-separated list of ``NAME=VALUE`` pairs:
     masker_oom=N[:PHOTO]     the segmentation model runs out of accelerator memory on more than N photos
                              at once, and on the photo whose source path is PHOTO even alone
     inpainter_oom=N[:PHOTO]  the same for the inpainting model
+    inpainter_slow=SECONDS   every inpainting batch takes SECONDS longer, as on a slow accelerator: a run
+                             that is still painting when a test interrupts it
 
 A dying fault fires once: the process that creates the PATH file (its marker) dies with
 ``os._exit``, as a worker killed by the kernel's OOM killer or a pre-empted node would (no
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FAULTS_ENV = "CASALIMPIA_FAULTS"
-NAMES = ("inpainter", "train_worker", "driver", "masker_oom", "inpainter_oom")
+NAMES = ("inpainter", "train_worker", "driver", "masker_oom", "inpainter_oom", "inpainter_slow")
 MODEL_CALLS = {"masker": ("label_maps", "image"), "inpainter": ("paint_crops", "model_image")}
 """Per stage: the method through which it runs its model on a sequence of photos, and the batch column
 those photos come from."""
@@ -56,6 +59,8 @@ def _parse(value: str) -> dict[str, str]:
             raise ValueError(f"{FAULTS_ENV}: {item!r} is not NAME=VALUE with NAME one of {', '.join(NAMES)}")
         if name.endswith("_oom") and not value.partition(":")[0].isdigit():
             raise ValueError(f"{FAULTS_ENV}: {item!r}: an out-of-memory fault is {name}=N or {name}=N:PHOTO")
+        if name.endswith("_slow") and not value.replace(".", "", 1).isdigit():
+            raise ValueError(f"{FAULTS_ENV}: {item!r}: a slow fault is {name}=SECONDS")
         faults[name] = value
     return faults
 
@@ -80,6 +85,8 @@ def stage(name: str, cls: type, kwargs: dict[str, Any]) -> tuple[type, dict[str,
         most, _, photo = limit.partition(":")
         kwargs = {"stage": cls, "stage_kwargs": kwargs, "name": name, "most": int(most), "photo": photo or None}
         cls = RunsOutOfMemory
+    if f"{name}_slow" in NAMES and (seconds := armed(f"{name}_slow")) is not None:
+        cls, kwargs = Slow, {"stage": cls, "stage_kwargs": kwargs, "seconds": float(seconds)}
     if name in NAMES and (marker := armed(name)) is not None:
         cls, kwargs = DiesOnFirstBatch, {"stage": cls, "marker": marker, "stage_kwargs": kwargs}
     return cls, kwargs
@@ -94,6 +101,18 @@ class DiesOnFirstBatch:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         die_once(self.marker, f"{type(self.stage).__name__} actor")
+        return self.stage(batch)
+
+
+class Slow:
+    """A callable stage that takes ``seconds`` longer over every batch."""
+
+    def __init__(self, stage: type, stage_kwargs: dict[str, Any], seconds: float) -> None:
+        self.stage = stage(**stage_kwargs)
+        self.seconds = seconds
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.seconds)
         return self.stage(batch)
 
 

@@ -53,6 +53,7 @@ from casalimpia.config import (
 )
 from casalimpia.images import ImageDecodeError, decode_image, encode_mask, output_format, with_suffix
 from casalimpia.output_photos import encode_output
+from casalimpia.progress import Interrupted, Progress, Stopped, stop_on_signals
 from casalimpia.toy import BANNER, uses_toy
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class PhotoJobConfig(Protocol):
     overwrite: bool
     limit: int | None
     manifest_every: int
+    progress_every: float
     decode: DecodeConfig
     masking: MaskingConfig
     ray: RayConfig
@@ -606,26 +608,37 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
 
     The settled rows go in first and every streamed row is persisted as it arrives, so an
     interrupted run resumes from what was written; the dataset is only built when there is work.
+    A progress line is logged every ``config.progress_every`` seconds. SIGINT or SIGTERM persists
+    every row received so far and raises ``Interrupted``.
     """
     config = plan.config
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     manifest = ManifestWriter(config.output, plan.run_id, schema, config.manifest_every)
     manifest.add(plan.settled)
     start = time.perf_counter()
-    processed = 0
-    progress = []
+    arrivals: list[tuple[float, int]] = []
     driver_fault = faults.armed("driver")
-    if plan.todo:
-        for batch in build(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            processed += len(rows)
-            progress.append((time.perf_counter() - start, processed))
-            manifest.add(rows)
-            if manifest.parts and processed:
-                faults.die_once(driver_fault, "the driver")
+    stopped: Stopped | None = None
+    with Progress(len(plan.todo), config.progress_every) as progress:
+        try:
+            with stop_on_signals():
+                batches = build(plan).iter_batches(batch_size=None, batch_format="pyarrow") if plan.todo else []
+                for batch in batches:
+                    rows = batch.to_pylist()
+                    progress.add([row["status"] for row in rows])
+                    arrivals.append((time.perf_counter() - start, progress.processed))
+                    manifest.add(rows)
+                    if manifest.parts and progress.processed:
+                        faults.die_once(driver_fault, "the driver")
+        except Stopped as stop:
+            stopped = stop
+    if stopped is not None:
+        # flush, not finish: the parts of earlier runs still hold the rows of photos this run did not reach.
+        manifest.flush()
+        raise Interrupted(stopped, progress.processed)
     seconds = time.perf_counter() - start
     manifest.finish()
-    return Summary(dict(manifest.counts), processed, seconds, config.output, progress)
+    return Summary(dict(manifest.counts), progress.processed, seconds, config.output, arrivals)
 
 
 def connect(address: str | None) -> None:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from casalimpia import configure_logging
 from casalimpia.config import ConfigError, DefurnishConfig, add_config_arguments, config_from_args
 from casalimpia.pipeline import DONE, JobError, connect, execute, prepare
+from casalimpia.progress import Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(config {plan.config_hash}, run {plan.run_id})"
     )
     connect(config.ray.address)
-    summary = execute(plan)
+    try:
+        summary = execute(plan)
+    except Interrupted as interrupted:
+        print(f"interrupted: {interrupted}; run the same command again to resume", file=sys.stderr)
+        return interrupted.exit_code
     print(f"done: {summary.line()}")
     print(f"manifest: {config.output.rstrip('/')}/_manifest/  report: {config.output.rstrip('/')}/report.html")
     # Only a run where nothing is done, now or before, is a failure; failed photos are in the manifest.

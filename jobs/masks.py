@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from casalimpia import configure_logging
 from casalimpia.config import ConfigError, MaskLibraryConfig, add_config_arguments, config_from_args
 from casalimpia.pipeline import DONE, JobError, connect
+from casalimpia.progress import Interrupted
 from casalimpia.training.library import execute, prepare
 
 
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(config {plan.config_hash}, run {plan.run_id})"
     )
     connect(config.ray.address)
-    summary = execute(plan)
+    try:
+        summary = execute(plan)
+    except Interrupted as interrupted:
+        print(f"interrupted: {interrupted}; run the same command again to resume", file=sys.stderr)
+        return interrupted.exit_code
     print(f"done: {summary.line()}")
     print(f"index: {config.output.rstrip('/')}/_manifest/")
     # Only a run where nothing is done, now or before, is a failure; failed photos are in the index.

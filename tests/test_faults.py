@@ -8,6 +8,8 @@ test S3 endpoint's failure switch turn them on.
 
 import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +179,70 @@ def test_driver_killed_mid_run_then_rerun_finishes_the_rest(fault_free, load_job
     rows = check_accounted(str(out), inputs)
     done_before = [row["source"] for row in before if row["status"] == "ok"]
     assert done_before and all(rows[source]["status"] == "skipped" for source in done_before), "not redone"
+    assert outputs(str(out)) == expected
+
+
+def stop_mid_run(arguments: list[str], signal_number: int) -> tuple[int, str]:
+    """Run the job as a subprocess on the session's cluster, with slow painting; send it the signal once
+    its progress line says photos are done. Returns its exit code and what it logged."""
+    import ray
+
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/defurnish.py", *arguments, f"--set=ray.address={ray.get_runtime_context().gcs_address}"],
+        cwd=ROOT,
+        env={**os.environ, faults.FAULTS_ENV: "inpainter_slow=1.5"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    working = threading.Event()
+
+    def read() -> None:
+        for line in driver.stdout:
+            lines.append(line)
+            if re.search(r"progress: [1-9][\d,]*/", line):
+                working.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert working.wait(timeout=240), "".join(lines)[-3000:]
+    driver.send_signal(signal_number)
+    driver.wait(timeout=120)
+    reader.join(timeout=30)
+    return driver.returncode, "".join(lines)
+
+
+def test_ctrl_c_then_sigterm_persist_every_row_received_and_the_same_command_finishes(
+    fault_free, load_job, tmp_path, capsys, monkeypatch
+):
+    input_dir, inputs, expected = fault_free
+    out = tmp_path / "out"
+    arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
+    # One photo per batch and no manifest part before the end: only the stop's own flush persists rows.
+    arguments += ["--set=inpaint.batch_size=1", "--set=progress_every=0.5", *(f"--set={item}" for item in TINY)]
+    done: list[str] = []
+    for signal_number in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, then what `ray job stop` sends
+        code, log = stop_mid_run(arguments, signal_number)
+
+        assert code == 128 + signal_number, log[-3000:]
+        name = signal.Signals(signal_number).name
+        assert f"interrupted: stopped by {name}" in log and "run the same command again to resume" in log
+        assert re.search(r"progress: \d+/\d+ photos \(\d+%\) at [\d.]+ images/s, ETA ", log)
+        rows = read_manifest(str(out))
+        # The file refused at planning, and every photo done before this run, keep their rows.
+        assert {row["source"] for row in rows} >= {"broken/notes.txt", *done}
+        now_done = [row["source"] for row in rows if row["status"] in ("ok", "skipped")]
+        assert len(done) < len(now_done) < PHOTOS, (name, done, now_done)
+        assert all((out / "images" / source).exists() for source in now_done)
+        done = now_done
+
+    monkeypatch.chdir(ROOT)
+    assert load_job("defurnish").main(arguments) == 0
+    rerun = capsys.readouterr().out.splitlines()[-2]
+    print(f"{len(done)} photos persisted after Ctrl-C and SIGTERM; rerun: {rerun}")
+    rows = check_accounted(str(out), inputs)
+    assert all(rows[source]["status"] == "skipped" for source in done), "not redone"
     assert outputs(str(out)) == expected
 
 
