@@ -168,7 +168,7 @@ class WriteConfig:
     format: str = "same"
     """Output format: 'same' as the input (JPEG blocks outside the mask kept), or png, jpeg, webp, heif, avif."""
     quality: int = 95
-    """Quality of lossy formats encoded whole (not of JPEGs written as JPEG: they keep the input's tables)."""
+    """Quality of lossy outputs in another format than the input's; the most a lossy input is matched up to."""
     save_masks: bool = True
     """Write the removal mask of each photo under masks/."""
 

@@ -147,44 +147,10 @@ def test_flaky_s3_endpoint_is_retried_until_every_photo_is_written(fault_free, s
     assert outputs(output_uri) == expected
 
 
-def test_driver_killed_mid_run_then_rerun_finishes_the_rest(fault_free, load_job, tmp_path, capsys, monkeypatch):
-    import ray
-
-    input_dir, inputs, expected = fault_free
-    out = tmp_path / "out"
-    arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
-    arguments += ["--set=manifest_every=2", *(f"--set={item}" for item in TINY)]
-    # A driver process on the session's cluster, which outlives it as a real cluster would. It dies
-    # (os._exit: no cleanup) right after persisting its first processed rows, while the rest of its
-    # photos are still in flight; waiting for that from here would race a fast run.
-    cluster = f"--set=ray.address={ray.get_runtime_context().gcs_address}"
-    marker = tmp_path / "driver-died"
-    driver = subprocess.run(
-        [sys.executable, "jobs/defurnish.py", *arguments, cluster],
-        cwd=ROOT,
-        env={**os.environ, faults.FAULTS_ENV: f"driver={marker}"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert marker.exists() and driver.returncode == 1, driver.stdout[-2000:] + driver.stderr[-3000:]
-    before = persisted_rows(out)
-    written = len(storage.list_files(str(out / "images")))
-    assert 0 < len(before) < len(inputs)
-
-    monkeypatch.chdir(ROOT)
-    assert load_job("defurnish").main(arguments) == 0
-    line = capsys.readouterr().out.splitlines()[-2]
-    print(f"driver killed with {len(before)} rows persisted and {written} images written; rerun: {line}")
-    rows = check_accounted(str(out), inputs)
-    done_before = [row["source"] for row in before if row["status"] == "ok"]
-    assert done_before and all(rows[source]["status"] == "skipped" for source in done_before), "not redone"
-    assert outputs(str(out)) == expected
-
-
 def stop_mid_run(arguments: list[str], signal_number: int) -> tuple[int, str]:
     """Run the job as a subprocess on the session's cluster, with slow painting; send it the signal once
-    its progress line says photos are done. Returns its exit code and what it logged."""
+    its progress line says photos are done (give it a short progress_every). Returns its exit code and
+    what it logged."""
     import ray
 
     driver = subprocess.Popen(
@@ -213,34 +179,54 @@ def stop_mid_run(arguments: list[str], signal_number: int) -> tuple[int, str]:
     return driver.returncode, "".join(lines)
 
 
-def test_ctrl_c_then_sigterm_persist_every_row_received_and_the_same_command_finishes(
+def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes_the_catalogue(
     fault_free, load_job, tmp_path, capsys, monkeypatch
 ):
+    """Three runs of one command: Ctrl-C mid-run, a driver killed mid-run, then one that finishes.
+
+    Ctrl-C (SIGTERM takes the same path: tests/test_progress.py) persists every row the driver has
+    received, here with no manifest part written before it; a driver killed without cleanup loses
+    at most the rows since its last part; each rerun skips what was persisted, and the last one
+    ends with every input accounted for once and the outputs of a run without faults.
+    """
+    import ray
+
     input_dir, inputs, expected = fault_free
     out = tmp_path / "out"
     arguments = ["--config", "configs/demo.yaml", "--input", str(input_dir), "--output", str(out)]
-    # One photo per batch and no manifest part before the end: only the stop's own flush persists rows.
-    arguments += ["--set=inpaint.batch_size=1", "--set=progress_every=0.5", *(f"--set={item}" for item in TINY)]
-    done: list[str] = []
-    for signal_number in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, then what `ray job stop` sends
-        code, log = stop_mid_run(arguments, signal_number)
+    arguments += ["--set=inpaint.batch_size=1", *(f"--set={item}" for item in TINY)]
 
-        assert code == 128 + signal_number, log[-3000:]
-        name = signal.Signals(signal_number).name
-        assert f"interrupted: stopped by {name}" in log and "run the same command again to resume" in log
-        assert re.search(r"progress: \d+/\d+ photos \(\d+%\) at [\d.]+ images/s, ETA ", log)
-        rows = read_manifest(str(out))
-        # The file refused at planning, and every photo done before this run, keep their rows.
-        assert {row["source"] for row in rows} >= {"broken/notes.txt", *done}
-        now_done = [row["source"] for row in rows if row["status"] in ("ok", "skipped")]
-        assert len(done) < len(now_done) < PHOTOS, (name, done, now_done)
-        assert all((out / "images" / source).exists() for source in now_done)
-        done = now_done
+    code, log = stop_mid_run([*arguments, "--set=progress_every=0.5"], signal.SIGINT)
+
+    assert code == 130, log[-3000:]
+    assert "interrupted: stopped by SIGINT" in log and "run the same command again to resume" in log
+    assert re.search(r"progress: \d+/\d+ photos \(\d+%\) at [\d.]+ images/s, ETA ", log)
+    after_ctrl_c = {row["source"]: row for row in persisted_rows(out)}
+    done = [source for source, row in after_ctrl_c.items() if row["status"] == "ok"]
+    assert "broken/notes.txt" in after_ctrl_c and 0 < len(done) < PHOTOS, sorted(after_ctrl_c)
+    assert all((out / after_ctrl_c[source]["output"]).exists() for source in done)
+
+    # A driver process on the session's cluster, which outlives it as a real cluster would. It dies
+    # (os._exit: no cleanup) right after persisting its first processed rows, while the rest of its
+    # photos are still in flight; waiting for that from here would race a fast run.
+    marker = tmp_path / "driver-died"
+    cluster = f"--set=ray.address={ray.get_runtime_context().gcs_address}"
+    driver = subprocess.run(
+        [sys.executable, "jobs/defurnish.py", *arguments, "--set=manifest_every=2", cluster],
+        cwd=ROOT,
+        env={**os.environ, faults.FAULTS_ENV: f"driver={marker}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert marker.exists() and driver.returncode == 1, driver.stdout[-2000:] + driver.stderr[-3000:]
+    after_kill = {row["source"] for row in persisted_rows(out)}
+    assert after_kill >= after_ctrl_c.keys(), "a killed run keeps the parts of earlier runs"
 
     monkeypatch.chdir(ROOT)
     assert load_job("defurnish").main(arguments) == 0
     rerun = capsys.readouterr().out.splitlines()[-2]
-    print(f"{len(done)} photos persisted after Ctrl-C and SIGTERM; rerun: {rerun}")
+    print(f"{len(done)} photos persisted by Ctrl-C, {len(after_kill)} rows after the kill; rerun: {rerun}")
     rows = check_accounted(str(out), inputs)
     assert all(rows[source]["status"] == "skipped" for source in done), "not redone"
     assert outputs(str(out)) == expected

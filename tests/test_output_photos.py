@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, JpegImagePlugin, PngImagePlugin
 
-from casalimpia.images import decode_image, inspect_photo, to_stored_orientation
+from casalimpia.images import decode_image, encode_image, inspect_photo, to_stored_orientation
 from casalimpia.jpeg_blocks import is_progressive, replace_masked_blocks
 from casalimpia.output_photos import BLOCKS, COPIED, ENCODED, encode_output
 from casalimpia.synthetic import render_room
@@ -20,9 +20,9 @@ from casalimpia.synthetic import render_room
 WIDTH, HEIGHT = 250, 183
 MAKE, MODEL, DATE = "Casa Phones", "Pocket 12", "2026:05:04 10:11:12"
 XMP = (
-    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/"'
-    b' tiff:Orientation="6" dc:rights="(c) Agency"/></rdf:RDF></x:xmpmeta>'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/"'
+    ' tiff:Orientation="{orientation}" dc:rights="(c) Agency"/></rdf:RDF></x:xmpmeta>'
 )
 
 
@@ -46,11 +46,12 @@ def phone_photo(fmt: str = "JPEG", orientation: int = 6, **options) -> bytes:
     upright = render_room(7, WIDTH, HEIGHT).furnished
     # The file stores the photo so that applying the orientation shows it upright.
     stored = to_stored_orientation(upright, orientation)
+    xmp = XMP.format(orientation=orientation)
     if fmt == "PNG":  # PNG keeps XMP in an iTXt chunk
         options["pnginfo"] = PngImagePlugin.PngInfo()
-        options["pnginfo"].add_itxt("XML:com.adobe.xmp", XMP.decode())
+        options["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp)
     else:
-        options["xmp"] = XMP
+        options["xmp"] = xmp.encode()
     buffer = io.BytesIO()
     Image.fromarray(stored).save(buffer, fmt, icc_profile=icc_profile(), exif=camera_exif(orientation), **options)
     return buffer.getvalue()
@@ -208,6 +209,18 @@ def test_other_formats_are_encoded_whole_with_their_metadata(source: str, option
         xmp = xmp.encode() if isinstance(xmp, str) else xmp
         # XMP's copy of the orientation says upright too, or is gone (pillow-heif drops it as it rotates).
         assert b"(c) Agency" in xmp and not re.search(rb'tiff:Orientation="[2-8]"', xmp)
+
+
+@pytest.mark.parametrize("source", ["WEBP", "HEIF", "AVIF"])
+def test_a_lossy_input_is_written_at_the_quality_that_matches_its_size(source: str) -> None:
+    original = phone_photo(source, 1, quality=55)
+    mask = sofa_mask((HEIGHT, WIDTH))
+    painted = paint(original, mask)
+    fmt = inspect_photo(original).format
+    result = encode_output(original, painted, mask, fmt, quality=95)
+    at_95 = encode_image(painted, fmt, quality=95, metadata=inspect_photo(original).metadata)
+    # As fine as the input (no smaller), not inflated to write.quality.
+    assert len(original) <= len(result.data) < len(at_95)
 
 
 def test_jpeg_written_as_png_keeps_metadata_and_is_exact() -> None:
