@@ -329,7 +329,7 @@ def measure_host(
 
 
 def measure_write(config: BenchConfig) -> dict[str, Any]:
-    """Milliseconds to write one painted photo of ``write_photo_size`` as a JPEG, best of three.
+    """Milliseconds to write one painted photo of ``write_photo_size`` as a JPEG, best of three (quick: one).
 
     ``blocks_ms`` is what the job's write task does with a JPEG (``replace_masked_blocks``: read the
     input's coefficients, re-encode the blocks the mask touches, write), ``encode_ms`` a whole
@@ -343,16 +343,17 @@ def measure_write(config: BenchConfig) -> dict[str, Any]:
     mask = np.asarray(Image.fromarray(room.mask).resize((width, height), Image.Resampling.NEAREST))
     painted = photo.copy()
     painted[mask] = photo[mask] // 2
+    repeats = 1 if config.quick else 3
     record: dict[str, Any] = {"megapixels": width * height / 1e6, "mask_fraction": float(mask.mean())}
     inputs = {"baseline": {"subsampling": 2}, "progressive": {"subsampling": 0, "progressive": True}}
     for name, options in inputs.items():
         buffer = io.BytesIO()
         Image.fromarray(photo).save(buffer, "JPEG", quality=90, **options)
         original = buffer.getvalue()
-        blocks = _best_of(3, lambda original=original: replace_masked_blocks(original, painted, mask))
-        encode = _best_of(3, lambda: encode_image(painted, "jpeg", quality=config.write.quality))
+        blocks = _best_of(repeats, lambda original=original: replace_masked_blocks(original, painted, mask))
+        encode = _best_of(repeats, lambda: encode_image(painted, "jpeg", quality=config.write.quality))
         written = replace_masked_blocks(original, painted, mask)
-        check = _best_of(3, lambda written=written: changed_outside(written, painted, mask))
+        check = _best_of(repeats, lambda written=written: changed_outside(written, painted, mask))
         record[name] = {
             "blocks_ms": 1000 * blocks,
             "encode_ms": 1000 * encode,

@@ -32,23 +32,41 @@ def test_progress_line_reports_done_rate_eta_and_problems_leaving_out_start_up()
     assert progress.line() == ("progress: 50/1,000 photos (5%) at 2.00 images/s, ETA 7m 55s; failed 2, review 1")
 
 
-def test_progress_logs_a_line_every_interval_from_its_thread(caplog):
-    caplog.set_level(logging.INFO, logger="casalimpia.progress")
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def progress_lines():
+    """What the progress logger logs, whatever handlers and propagation earlier tests configured."""
+    logger = logging.getLogger("casalimpia.progress")
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_progress_logs_a_line_every_interval_from_its_thread(progress_lines):
     with Progress(total=4, every=0.05) as progress:
         progress.add(["ok", "ok"])
         time.sleep(0.3)
-    lines = [record.getMessage() for record in caplog.records if record.name == "casalimpia.progress"]
-    assert len(lines) >= 2 and all(line.startswith("progress: 2/4 photos (50%)") for line in lines)
-    count = len(lines)
+    assert len(progress_lines) >= 2 and all(line.startswith("progress: 2/4 photos (50%)") for line in progress_lines)
+    count = len(progress_lines)
     time.sleep(0.15)
-    assert len([r for r in caplog.records if r.name == "casalimpia.progress"]) == count, "the thread stopped"
+    assert len(progress_lines) == count, "the thread stopped"
 
 
-def test_no_progress_lines_when_switched_off(caplog):
-    caplog.set_level(logging.INFO, logger="casalimpia.progress")
+def test_no_progress_lines_when_switched_off(progress_lines):
     with Progress(total=4, every=0):
         time.sleep(0.1)
-    assert not [r for r in caplog.records if r.name == "casalimpia.progress"]
+    assert progress_lines == []
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (61, "1m 01s"), (3 * 3600 + 300, "3h 05m")])
