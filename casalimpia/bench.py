@@ -40,6 +40,7 @@ from PIL import Image
 
 from casalimpia import storage
 from casalimpia.config import BenchConfig, DefurnishConfig, to_yaml
+from casalimpia.estimate import PaintingRate, append_rate, painting_key
 from casalimpia.images import decode_image, decode_mask, encode_image, encode_mask
 from casalimpia.inpainting import blend_painted, crop_for_painting, to_paint
 from casalimpia.jpeg_blocks import replace_masked_blocks
@@ -112,6 +113,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
     record["baseline"]["job_speedup"] = ratio(job["steady_images_per_second"], record["baseline"]["images_per_second"])
     if gpu is not None:
         gpu["cost_per_1000"] = cost_per_1000(config, job["steady_images_per_second"])
+    if config.rates and job["steady_images_per_second"]:
+        append_rate(config.rates, painting_rate(config, record))
     path = os.path.join(root, f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     record["path"] = path
@@ -476,16 +479,37 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
-def cost_per_1000(config: BenchConfig, images_per_second: float | None) -> float | None:
-    """Price of 1,000 images at the job's steady rate, paying for every GPU its pools hold (fixed: min = max)."""
+def painting_rate(config: BenchConfig, record: dict[str, Any]) -> PaintingRate:
+    """The job's steady rate as the entry --dry-run estimates from, with what it was measured with."""
+    on_gpu = record["gpu"] is not None
+    return PaintingRate(
+        date=record["time"][:10],
+        device=record["device"]["name"],
+        model=config.inpaint.model,
+        resolution=config.inpaint.resolution,
+        steps=config.inpaint.steps,
+        guided=painting_key(config.inpaint)[3],
+        images_per_second=round(record["job"]["steady_images_per_second"], 4),
+        devices=paid_gpus(config) if on_gpu else 1,
+        price_per_hour=config.price_per_hour if on_gpu else None,
+    )
+
+
+def paid_gpus(config: BenchConfig) -> int:
+    """Whole GPUs the job's pools hold (fixed pools: min = max)."""
     resources = config.ray
     gpus = (
         resources.masking_actors.min * resources.masking_gpus
         + resources.inpainting_actors.min * resources.inpainting_gpus
     )
+    return max(1, math.ceil(gpus))
+
+
+def cost_per_1000(config: BenchConfig, images_per_second: float | None) -> float | None:
+    """Price of 1,000 images at the job's steady rate, paying for every GPU its pools hold (fixed: min = max)."""
     if not images_per_second:
         return None
-    return max(1, math.ceil(gpus)) * config.price_per_hour * 1000 / (images_per_second * 3600)
+    return paid_gpus(config) * config.price_per_hour * 1000 / (images_per_second * 3600)
 
 
 def describe_device(placement: Any) -> dict[str, Any]:

@@ -777,6 +777,8 @@ class BenchConfig:
     """Local folder the synthetic photos, the job's outputs, config.yaml and the JSON records go under."""
     record: str | None = "BENCHMARKS.md"
     """Markdown file a row of results is appended to; unset (``--set record=``) appends nothing."""
+    rates: str | None = "casalimpia/data/painting_rates.yaml"
+    """YAML file the job's steady rate is appended to, which --dry-run estimates from; unset appends nothing."""
     quick: bool = False
     """Two batches, one baseline photo, no scaling sweep: checks that everything runs (CI)."""
     photos: int = 64

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -149,9 +150,28 @@ class Plan:
     settled: list[dict[str, Any]] = field(default_factory=list)
     """Manifest rows decided without processing: skipped (done before) and refused files."""
 
+    def lines(self) -> list[str]:
+        """What the run will do: photos to process, done before, refused with their reasons counted."""
+        done = sum(row["status"] in DONE for row in self.settled)
+        reasons = Counter(refusal_kind(row["error"]) for row in self.settled if row["status"] not in DONE)
+        lines = [
+            f"{len(self.todo):,} photos to process, {done:,} done before, {sum(reasons.values()):,} refused "
+            f"(config {self.config_hash}, run {self.run_id})"
+        ]
+        lines += [f"  refused: {count:,} {reason}" for reason, count in reasons.most_common()]
+        return lines
 
-def prepare(config: DefurnishConfig) -> Plan:
-    """Check the job can run and decide what to do; raises JobError with one line otherwise."""
+
+def refusal_kind(error: str) -> str:
+    """An error's kind without its particulars: 'unsafe path' for "unsafe path 'a/../b': ..."."""
+    return re.split(r"[:('\"]", error, maxsplit=1)[0].strip() or error
+
+
+def prepare(config: DefurnishConfig, *, dry_run: bool = False) -> Plan:
+    """Check the job can run and decide what to do; raises JobError with one line otherwise.
+
+    ``dry_run`` writes nothing: the output is only read (for photos already done), not probed.
+    """
     # Ray workers do not share the driver's working directory: pin local paths now.
     lora = config.inpaint.lora
     config = dataclasses.replace(
@@ -171,20 +191,30 @@ def prepare(config: DefurnishConfig) -> Plan:
     if config.inpaint.lora is not None:
         check_lora(config.inpaint.lora)
     # The image is written last: its presence is what marks a photo done.
-    return plan_run(config, files, manifest_row, file_columns=("output",))
+    return plan_run(config, files, manifest_row, file_columns=("output",), probe_output=not dry_run)
 
 
-def plan_run(config: PhotoJobConfig, files: list[str], new_row: NewRow, file_columns: tuple[str, ...]) -> Plan:
+def plan_run(
+    config: PhotoJobConfig,
+    files: list[str],
+    new_row: NewRow,
+    file_columns: tuple[str, ...],
+    *,
+    probe_output: bool = True,
+) -> Plan:
     """Check the output is writable, refuse unsafe and unsupported files, apply the limit, split off done photos.
+
+    ``probe_output`` False skips the writability check, which writes (and deletes) a probe file.
 
     ``files`` are the input's relative paths. A photo counts as done when the output holds an ok or
     skipped row of it with this config's hash and every file its ``file_columns`` name (see
     ``completed_rows``); done photos become skipped rows unless ``config.overwrite`` is set.
     """
-    try:
-        storage.ensure_writable(config.output)
-    except storage.StorageError as error:
-        raise JobError(f"output: {error}") from None
+    if probe_output:
+        try:
+            storage.ensure_writable(config.output)
+        except storage.StorageError as error:
+            raise JobError(f"output: {error}") from None
 
     config_hash = config.config_hash()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"{len(plan.todo)} photos to process, {len(plan.settled)} settled without processing "
-        f"(config {plan.config_hash}, run {plan.run_id})"
-    )
+    print("\n".join(plan.lines()))
     connect(config.ray.address)
     try:
         summary = execute(plan)

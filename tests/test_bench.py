@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from casalimpia.bench import RECORD_FIELDS, steady_rate
+from casalimpia.estimate import read_rates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,8 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     record_file.write_text("# Benchmarks\n\nNotes above the table stay.\n\n## Runs\n\n")
     monkeypatch.chdir(ROOT)
     arguments = ["--config", "configs/bench_demo.yaml", "--quick", "--output", str(tmp_path / "bench")]
-    settings = ["--set", f"record={record_file}", "--set", "variants=[channels_last]"]
+    rates_file = tmp_path / "rates.yaml"
+    settings = ["--set", f"record={record_file}", "--set", "variants=[channels_last]", "--set", f"rates={rates_file}"]
     assert load_job("bench").main([*arguments, *settings]) == 0
     printed = capsys.readouterr().out
     assert "stage alone:" in printed and "naive baseline:" in printed and "stage with channels_last:" in printed
@@ -48,6 +50,15 @@ def test_quick_benchmark_writes_a_complete_record_and_appends_its_row(
     assert record["baseline"]["images_per_second"] > 0 and "job_speedup" in record["baseline"]
     assert record["gpu"] is None and record["scaling"] == [], "CPU run: no GPU figures, no sweep in quick mode"
     assert record["settings"]["quick"] is True
+
+    # A rate the estimate can use is appended when the job had one once started (two batches may not).
+    rates = read_rates(rates_file)
+    if job["steady_images_per_second"]:
+        [rate] = rates
+        assert (rate.model, rate.resolution, rate.steps, rate.guided) == ("tiny", 64, 2, True)
+        assert rate.images_per_second == pytest.approx(job["steady_images_per_second"], rel=1e-3)
+    else:
+        assert rates == []
 
     lines = record_file.read_text().splitlines()
     assert "Notes above the table stay." in lines
