@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -59,10 +58,8 @@ def read_rates(path: str | Path = RATES) -> list[PaintingRate]:
 
 def append_rate(path: str | Path, rate: PaintingRate) -> None:
     """Add one measured rate to a rates file, creating it if needed."""
-    file = Path(path)
-    entries: list[dict[str, Any]] = (yaml.safe_load(file.read_text()) if file.exists() else None) or []
-    entries.append(asdict(rate))
-    file.write_text(yaml.safe_dump(entries, sort_keys=False))
+    entries = [asdict(entry) for entry in [*read_rates(path), rate]]
+    Path(path).write_text(yaml.safe_dump(entries, sort_keys=False))
 
 
 def estimate_lines(inpaint: InpaintConfig, photos: int, rates: list[PaintingRate]) -> list[str]:

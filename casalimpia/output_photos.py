@@ -74,7 +74,7 @@ def encode_output(original: bytes, painted: np.ndarray, mask: np.ndarray, fmt: s
             method = BLOCKS
         except NotBlockEditable:
             data = None  # CMYK and the like: encoded whole below
-    if data is None and photo.format == fmt and not photo.lossless and fmt != "png":
+    if data is None and photo.format == fmt and not photo.lossless:
         data = matched_encoding(painted, fmt, len(original), photo.metadata, highest=quality)
     if data is None:
         lossless = photo.lossless and photo.format == fmt

@@ -352,7 +352,6 @@ def read_and_decode(batch: dict[str, np.ndarray], *, input_uri: str, max_pixels:
     """
     images, files, errors, widths, heights = [], [], [], [], []
     for source in batch["source"]:
-        data = b""
         try:
             data = storage.read_bytes(storage.join(input_uri, source))
             image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
@@ -645,8 +644,6 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
     storage.write_bytes(storage.join(config.output, "config.yaml"), to_yaml(config).encode())
     manifest = ManifestWriter(config.output, plan.run_id, schema, config.manifest_every)
     manifest.add(plan.settled)
-    start = time.perf_counter()
-    arrivals: list[tuple[float, int]] = []
     driver_fault = faults.armed("driver")
     stopped: Stopped | None = None
     with Progress(len(plan.todo), config.progress_every) as progress:
@@ -656,7 +653,6 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
                 for batch in batches:
                     rows = batch.to_pylist()
                     progress.add([row["status"] for row in rows])
-                    arrivals.append((time.perf_counter() - start, progress.processed))
                     manifest.add(rows)
                     if manifest.parts and progress.processed:
                         faults.die_once(driver_fault, "the driver")
@@ -666,9 +662,9 @@ def run_plan(plan: Plan, build: Callable[[Plan], Any], schema: pa.Schema) -> Sum
         # flush, not finish: the parts of earlier runs still hold the rows of photos this run did not reach.
         manifest.flush()
         raise Interrupted(stopped, progress.processed)
-    seconds = time.perf_counter() - start
+    seconds = progress.elapsed()
     manifest.finish()
-    return Summary(dict(manifest.counts), progress.processed, seconds, config.output, arrivals)
+    return Summary(dict(manifest.counts), progress.processed, seconds, config.output, progress.arrivals)
 
 
 def connect(address: str | None) -> None:

@@ -72,34 +72,40 @@ class Progress:
         self.total = total
         self.every = every
         self.counts: Counter[str] = Counter()
-        self.processed = 0
+        self.arrivals: list[tuple[float, int]] = []
+        """(seconds since the start, photos processed) at each arrival of rows: the run's rate over time."""
         self._clock = clock
         self.start = clock()
-        self._first: tuple[float, int] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def processed(self) -> int:
+        return self.arrivals[-1][1] if self.arrivals else 0
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return self._clock() - self.start
 
     def add(self, statuses: list[str]) -> None:
         """Count the rows of one arrival by status."""
         with self._lock:
             self.counts.update(statuses)
-            self.processed += len(statuses)
-            if self._first is None:
-                self._first = (self._clock(), self.processed)
+            self.arrivals.append((self.elapsed(), self.processed + len(statuses)))
 
     def line(self) -> str:
         """Where the run stands: done of total, rate, ETA, and the failed and review counts so far."""
         with self._lock:
-            processed, counts, first = self.processed, Counter(self.counts), self._first
-        now = self._clock()
-        if first is None:
-            return f"progress: 0/{self.total:,} photos, {now - self.start:.0f}s in: waiting for the first results"
+            counts, first, processed = Counter(self.counts), self.arrivals[:1], self.processed
+        now = self.elapsed()
+        if not first:
+            return f"progress: 0/{self.total:,} photos, {now:.0f}s in: waiting for the first results"
         # The rate since the first arrival leaves out start-up (actors starting, models loading).
-        first_time, first_count = first
+        [(first_time, first_count)] = first
         rate = (processed - first_count) / (now - first_time) if processed > first_count else 0.0
         if rate <= 0:
-            rate = processed / max(now - self.start, 1e-9)
+            rate = processed / max(now, 1e-9)
         eta = (self.total - processed) / rate if rate > 0 else float("inf")
         share = processed / self.total if self.total else 1.0
         tail = ", ".join(f"{status} {counts[status]:,}" for status in ("failed", "review") if counts[status])
