@@ -53,7 +53,8 @@ def phone_photo(fmt: str = "JPEG", orientation: int = 6, **options) -> bytes:
     else:
         options["xmp"] = xmp.encode()
     buffer = io.BytesIO()
-    Image.fromarray(stored).save(buffer, fmt, icc_profile=icc_profile(), exif=camera_exif(orientation), **options)
+    metadata = {"icc_profile": icc_profile(), "exif": camera_exif(orientation), "dpi": (300, 300)}
+    Image.fromarray(stored).save(buffer, fmt, **metadata, **options)
     return buffer.getvalue()
 
 
@@ -127,6 +128,7 @@ def test_jpeg_keeps_every_block_the_mask_does_not_touch(kind: str, orientation: 
         assert is_progressive(result.data) == is_progressive(original) == bool(options.get("progressive"))
         assert written.info["icc_profile"] == icc_profile()
         assert written.info["xmp"] == source.info["xmp"]
+        assert written.info["dpi"] == source.info["dpi"] == (300, 300)
         exif = written.getexif()
         assert (exif[0x010F], exif[0x0110], exif[0x0112]) == (MAKE, MODEL, orientation)
         assert exif.get_ifd(0x8769)[0x9003] == DATE
@@ -231,6 +233,7 @@ def test_jpeg_written_as_png_keeps_metadata_and_is_exact() -> None:
     assert result.method == ENCODED and result.outside_changed == 0.0
     with Image.open(io.BytesIO(result.data)) as written:
         assert written.info["icc_profile"] == icc_profile() and written.getexif()[0x0110] == MODEL
+        assert written.info["dpi"] == pytest.approx((300, 300), abs=0.01)  # PNG stores dots per metre
 
 
 def test_replace_masked_blocks_refuses_a_photo_of_another_size() -> None:
